@@ -1,0 +1,269 @@
+//! `alloc-guard`: a global-allocator wrapper that records every oversized allocation.
+//!
+//! # Why
+//! A service that resizes a huge `HashMap` can freeze for seconds without a log line: one
+//! multi-GiB allocation, then the kernel zeroing and mapping it while every other thread waits on
+//! `mmap_lock`. `alloc-guard` makes such allocations visible: each allocation or reallocation of
+//! at least a threshold is recorded with its size, thread, timing and a backtrace, fires the USDT
+//! probe `freezetrap:large_alloc`, and is reported on stderr and as a JSON line. Allocations below
+//! the threshold cost one relaxed atomic load and one compare.
+//!
+//! # Set up
+//! ```
+//! #[global_allocator]
+//! static GLOBAL: alloc_guard::GuardedAlloc<std::alloc::System> =
+//!     alloc_guard::GuardedAlloc::new(std::alloc::System);
+//! # fn main() {}
+//! ```
+//! Any `GlobalAlloc` works as the inner allocator; `tikv_jemallocator::Jemalloc` is the intended
+//! one. Then run the program with `FREEZETRAP_ALLOC_THRESHOLD=256MiB`: events are recorded and
+//! probed from the first allocation on (the variable is read with libc `getenv` on the first
+//! allocation, without allocating). To also get report lines, call [`init_from_env`] early in
+//! `main` (the `freezetrap` facade's `init_from_env` does it for you).
+//!
+//! # Reading the output
+//! ```text
+//! freezetrap: large allocation: 256.00 MiB alloc on thread 'main' (tid 4242) took 31.0 µs at my_service::load (src/main.rs:12)
+//! ```
+//! and, with `FREEZETRAP_REPORT=report.jsonl`, one JSON object per event:
+//! `{"event":"large_alloc","seq":0,"kind":"alloc","size":268435456,"old_size":0,...,"frames":[...]}`.
+//! `took` is the time spent inside the inner allocator; `frames` start at the caller (the
+//! allocator's own frames are removed).
+//!
+//! # Testing with it
+//! [`assert_no_large_allocs`] fails a test when the code under test allocates too much at once:
+//! ```should_panic
+//! # #[global_allocator]
+//! # static A: alloc_guard::GuardedAlloc<std::alloc::System> =
+//! #     alloc_guard::GuardedAlloc::new(std::alloc::System);
+//! let table = alloc_guard::assert_no_large_allocs(256 << 20, || {
+//!     let mut m = std::collections::HashMap::<u64, u64>::new();
+//!     m.reserve(20_000_000); // a ~300 MiB table: panics, naming this line
+//!     m
+//! });
+//! ```
+//!
+//! # Troubleshooting
+//! - *Nothing is recorded*: the wrapper is not the `#[global_allocator]`, or the threshold is
+//!   above your allocations, or the value was malformed (a one-line message on stderr said so).
+//! - *Frames show `??`*: the binary has no debug info; keep `debug = "line-tables-only"` in the
+//!   release profile.
+//! - *bpftrace user stacks are short*: build with `-C force-frame-pointers=yes`.
+#![deny(missing_docs)]
+#![warn(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+pub mod inflight;
+mod record;
+pub mod report;
+pub mod ring;
+mod scope;
+pub mod symbolize;
+pub mod sys;
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::sync::atomic::Ordering;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use record::{mark_current_thread_internal, stats, RecorderStats};
+pub use report::{ReportSink, ReportWriter, Reporter, ReporterConfig, ReporterStats};
+pub use ring::{AllocKind, RawEvent, RING};
+pub use scope::assert_no_large_allocs;
+
+/// The global-allocator wrapper. See the [crate docs](crate).
+///
+/// Every request passes to `inner`. Requests of at least the threshold take a cold slow path that
+/// records them; smaller ones cost one relaxed load and one compare, with no thread-local access
+/// and no shared write.
+pub struct GuardedAlloc<A> {
+    inner: A,
+}
+
+impl<A> GuardedAlloc<A> {
+    /// Wraps `inner`. `const`, so it can initialise a `#[global_allocator]` static.
+    pub const fn new(inner: A) -> Self {
+        GuardedAlloc { inner }
+    }
+
+    /// The wrapped allocator.
+    pub const fn inner(&self) -> &A {
+        &self.inner
+    }
+}
+
+// SAFETY: every method forwards the caller's request to `inner` unchanged, and returns exactly
+// what `inner` returned (null included), so `inner`'s `GlobalAlloc` guarantees carry over. The
+// slow path adds work around the call but never touches the memory, never unwinds (nothing in it
+// panics: no indexing out of bounds, no unwrap, arithmetic saturating), and never re-enters the
+// global allocator for recording (reentrancy guard).
+unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() < record::threshold() {
+            // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+            return unsafe { self.inner.alloc(layout) };
+        }
+        // SAFETY: the closure is the same forwarded call.
+        unsafe {
+            record::slow_path(AllocKind::Alloc, layout.size(), 0, || {
+                self.inner.alloc(layout)
+            })
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() < record::threshold() {
+            // SAFETY: forwarded unchanged.
+            return unsafe { self.inner.alloc_zeroed(layout) };
+        }
+        // SAFETY: the closure is the same forwarded call.
+        unsafe {
+            record::slow_path(AllocKind::AllocZeroed, layout.size(), 0, || {
+                self.inner.alloc_zeroed(layout)
+            })
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size < record::threshold() {
+            // SAFETY: forwarded unchanged; `ptr` was allocated by `inner` via this wrapper.
+            return unsafe { self.inner.realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: the closure is the same forwarded call.
+        unsafe {
+            record::slow_path(AllocKind::Realloc, new_size, layout.size(), || {
+                self.inner.realloc(ptr, layout, new_size)
+            })
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged; frees are never recorded.
+        unsafe { self.inner.dealloc(ptr, layout) }
+    }
+}
+
+/// Sets the recording threshold in code (`None` = off), overriding `FREEZETRAP_ALLOC_THRESHOLD`.
+pub fn set_threshold(bytes: Option<usize>) {
+    record::wait_init();
+    scope::with_registry(|_| {
+        record::BASE_THRESHOLD.store(bytes.unwrap_or(usize::MAX).max(1), Ordering::Relaxed)
+    });
+}
+
+/// The recording threshold in force (`None` = off). Active `assert_no_large_allocs` scopes do not
+/// change it.
+pub fn threshold() -> Option<usize> {
+    record::wait_init();
+    stats().threshold
+}
+
+/// True when [`GuardedAlloc`] is this program's global allocator (it has served an allocation).
+pub fn is_installed() -> bool {
+    let probe = std::hint::black_box(Box::new(0u8));
+    drop(probe);
+    record::initialised()
+}
+
+/// Settings read from the environment by [`init_from_env`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvSettings {
+    /// `FREEZETRAP_OUT`, created 0700 if missing.
+    pub out_dir: Option<PathBuf>,
+    /// `FREEZETRAP_REPORT`.
+    pub report: ReportSink,
+    /// `FREEZETRAP_QUIET=1`: no human line per large allocation.
+    pub quiet: bool,
+}
+
+impl EnvSettings {
+    /// Reads `FREEZETRAP_OUT`, `FREEZETRAP_REPORT` and `FREEZETRAP_QUIET`. Problems print one line
+    /// each and fall back to a safe default (no directory, report off, not quiet).
+    pub fn from_env() -> EnvSettings {
+        let out_dir = std::env::var_os("FREEZETRAP_OUT").and_then(|d| {
+            let d = PathBuf::from(d);
+            match create_private_dir(&d) {
+                Ok(()) => Some(d),
+                Err(e) => {
+                    eprintln!(
+                        "freezetrap: FREEZETRAP_OUT={} cannot be used ({e}): reports and captures will not be written there",
+                        d.display()
+                    );
+                    None
+                }
+            }
+        });
+        let report = match std::env::var("FREEZETRAP_REPORT") {
+            Ok(v) => ReportSink::parse(&v, out_dir.as_deref()),
+            Err(std::env::VarError::NotPresent) => ReportSink::Off,
+            Err(std::env::VarError::NotUnicode(v)) => ReportSink::File(PathBuf::from(v)),
+        };
+        let quiet = match std::env::var("FREEZETRAP_QUIET").as_deref() {
+            Ok("1") | Ok("true") | Ok("yes") => true,
+            Ok("0") | Ok("false") | Ok("no") | Ok("") | Err(_) => false,
+            Ok(other) => {
+                eprintln!("freezetrap: FREEZETRAP_QUIET=\"{other}\" is not valid: expected 1 or 0; staying verbose");
+                false
+            }
+        };
+        EnvSettings {
+            out_dir,
+            report,
+            quiet,
+        }
+    }
+
+    /// Opens the report writer these settings name; on failure prints one line and returns a
+    /// writer that discards JSON.
+    pub fn open_writer(&self) -> Arc<ReportWriter> {
+        match ReportWriter::open(self.report.clone()) {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                eprintln!("freezetrap: {e}: the JSON report is off; check FREEZETRAP_REPORT");
+                Arc::new(ReportWriter::off())
+            }
+        }
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if it does not exist.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Starts the reporter when recording is on (`FREEZETRAP_ALLOC_THRESHOLD` set and valid, or
+/// [`set_threshold`] called), writing to `writer`. Returns `None` when recording is off, or the
+/// thread could not start (said on stderr).
+pub fn start_reporter(writer: Arc<ReportWriter>, quiet: bool) -> Option<Reporter> {
+    threshold()?;
+    let cfg = ReporterConfig {
+        writer,
+        human_lines: !quiet,
+        poll_interval: std::time::Duration::from_millis(50),
+    };
+    match Reporter::start(cfg) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("freezetrap: cannot start the reporter thread ({e}): events are still recorded and probed, not reported");
+            None
+        }
+    }
+}
+
+/// Reads the environment and starts the reporter if recording is on. The returned reporter
+/// reports what is left when dropped; keep it alive for the life of the program.
+pub fn init_from_env() -> Option<Reporter> {
+    let env = EnvSettings::from_env();
+    start_reporter(env.open_writer(), env.quiet)
+}
