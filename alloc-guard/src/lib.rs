@@ -68,7 +68,7 @@ use std::sync::Arc;
 
 pub use record::{mark_current_thread_internal, stats, RecorderStats};
 pub use report::{ReportSink, ReportWriter, Reporter, ReporterConfig, ReporterStats};
-pub use ring::{AllocKind, RawEvent, RING};
+pub use ring::{AllocKind, Cursor, CursorStats, RawEvent, RING};
 pub use scope::assert_no_large_allocs;
 
 /// The global-allocator wrapper. See the [crate docs](crate).

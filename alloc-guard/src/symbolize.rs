@@ -54,6 +54,7 @@ const ALLOCATOR_PREFIXES: &[&str] = &[
     "alloc_guard::",
     "<alloc_guard::",
     "freezetrap::GuardedAlloc",
+    "__rustc::",
     "__rust_alloc",
     "__rust_realloc",
     "__rust_alloc_zeroed",
@@ -61,6 +62,7 @@ const ALLOCATOR_PREFIXES: &[&str] = &[
     "__rdl_",
     "__rust_no_alloc_shim_is_unstable",
     "alloc::alloc::",
+    "<alloc::alloc::",
     "std::alloc::",
     "<std::alloc::System",
     "<tikv_jemallocator::",
@@ -108,11 +110,23 @@ pub fn trim_allocator_frames(frames: &mut Vec<Frame>) {
     frames.drain(..cut);
 }
 
+/// True for frames of the standard library (and its vendored dependencies such as hashbrown).
+///
+/// Decided by source path when there is one (std's debug info points under `/rustc/<hash>/`, its
+/// dependencies under `/rust/deps/`), so `<u8 as SpecFromElem>::from_elem` counts as library while
+/// a user's `<MyType as Clone>::clone` does not; by name prefix otherwise.
+pub fn is_library_frame(frame: &Frame) -> bool {
+    match &frame.file {
+        Some(file) => file.starts_with("/rustc/") || file.contains("/rust/deps/"),
+        None => starts_with_any(&frame.function, LIBRARY_PREFIXES),
+    }
+}
+
 /// The first frame outside the allocator and the standard library, or the first frame at all.
 pub fn first_user_frame(frames: &[Frame]) -> Option<&Frame> {
     frames
         .iter()
-        .find(|f| f.function != "??" && !starts_with_any(&f.function, LIBRARY_PREFIXES))
+        .find(|f| f.function != "??" && !is_library_frame(f))
         .or_else(|| frames.first())
 }
 
@@ -131,6 +145,13 @@ impl Symbolizer {
     /// Resolves raw return addresses (innermost first) into frames, expands inlined calls, and
     /// trims the allocator's own frames from the top.
     pub fn resolve(&mut self, ips: &[usize]) -> Vec<Frame> {
+        let mut out = self.resolve_raw(ips);
+        trim_allocator_frames(&mut out);
+        out
+    }
+
+    /// Like [`Symbolizer::resolve`] without trimming anything.
+    pub fn resolve_raw(&mut self, ips: &[usize]) -> Vec<Frame> {
         let mut out = Vec::with_capacity(ips.len() * 2);
         for (i, &ip) in ips.iter().enumerate() {
             if ip == 0 {
@@ -145,7 +166,6 @@ impl Symbolizer {
                 .or_insert_with(|| resolve_one(lookup));
             out.extend(frames.iter().cloned());
         }
-        trim_allocator_frames(&mut out);
         out
     }
 }
@@ -257,7 +277,7 @@ mod tests {
             ip, 0,
             "could not resolve a frame of this test: no debug info?"
         );
-        let frames = Symbolizer::new().resolve(&[ip]);
+        let frames = Symbolizer::new().resolve_raw(&[ip]);
         assert!(
             frames.iter().any(|f| f.function.contains("here")),
             "{frames:?}"

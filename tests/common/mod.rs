@@ -1,0 +1,101 @@
+//! Helpers shared by the integration tests: re-running this test binary as a child process,
+//! and deciding whether an eBPF test may run here.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The environment variable that tells a re-executed test binary which child role to play.
+pub const ROLE: &str = "FREEZETRAP_TEST_ROLE";
+
+/// The role this process was started for, if it is a child.
+pub fn role() -> Option<String> {
+    std::env::var(ROLE).ok()
+}
+
+/// A command that re-runs this test binary, executing only the test `test_name` in role `role`.
+pub fn child(test_name: &str, role: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("current_exe"));
+    c.args(["--exact", test_name, "--nocapture", "--test-threads=1", "-q"]);
+    c.env(ROLE, role);
+    for v in ["FREEZETRAP_ALLOC_THRESHOLD", "FREEZETRAP_REPORT", "FREEZETRAP_OUT", "FREEZETRAP_STALL", "FREEZETRAP_CAPTURE", "FREEZETRAP_QUIET", "FREEZETRAP_BACKTRACE_DEPTH"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// Runs `cmd` to completion, killing it after `limit` (a hang is a test failure, not a hung CI).
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn child");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "child did not finish within {limit:?} (hang?)\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether eBPF tests can run: root and `bpftrace` on PATH. When they cannot, the test skips
+/// with a message, unless `FREEZETRAP_REQUIRE_EBPF=1`, which turns the skip into a failure (CI
+/// sets it so the eBPF path is always exercised there).
+pub fn ebpf_or_skip(test: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let bpftrace = which("bpftrace").is_some();
+    let required = std::env::var("FREEZETRAP_REQUIRE_EBPF").as_deref() == Ok("1");
+    if root && bpftrace {
+        return true;
+    }
+    let why = match (root, bpftrace) {
+        (false, false) => "not root and bpftrace not installed",
+        (false, true) => "not root",
+        _ => "bpftrace not installed (apt-get install bpftrace)",
+    };
+    if required {
+        panic!("freezetrap: {test} needs eBPF but {why}, and FREEZETRAP_REQUIRE_EBPF=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {why} (set FREEZETRAP_REQUIRE_EBPF=1 to make this a failure)");
+    false
+}
+
+/// The full path of `prog` on PATH.
+pub fn which(prog: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|d| d.join(prog)).find(|p| p.is_file())
+    })
+}
+
+/// A fresh, empty directory under the target dir's tmp, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let base = std::env::temp_dir().join(format!(
+            "freezetrap-test-{tag}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ (std::ptr::addr_of!(tag) as u128)
+        ));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        TempDir(base)
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
