@@ -13,7 +13,11 @@ const LIMIT: usize = 64 << 20;
 /// The code under test: builds an index. `reserve_up_front` is the incident's fix.
 #[inline(never)]
 fn build_index(n: u64, reserve_up_front: bool) -> HashMap<u64, u64> {
-    let mut m = if reserve_up_front { HashMap::with_capacity(n as usize) } else { HashMap::new() };
+    let mut m = if reserve_up_front {
+        HashMap::with_capacity(n as usize)
+    } else {
+        HashMap::new()
+    };
     for k in 0..n {
         m.insert(k, k);
     }
@@ -37,8 +41,10 @@ fn small_index_stays_under_the_limit() {
 #[test]
 fn a_growing_map_that_resizes_past_the_limit_is_caught_with_its_call_site() {
     // 3M entries of (u64, u64): the last resize allocates a 2^22-bucket table of 68 MiB.
-    let err = std::panic::catch_unwind(|| assert_no_large_allocs(LIMIT, || build_index(3_000_000, false)))
-        .expect_err("a 128+ MiB table must trip a 64 MiB limit");
+    let err = std::panic::catch_unwind(|| {
+        assert_no_large_allocs(LIMIT, || build_index(3_000_000, false))
+    })
+    .expect_err("a 128+ MiB table must trip a 64 MiB limit");
     let msg = err.downcast_ref::<String>().expect("String panic payload");
     let lines: Vec<&str> = msg.lines().collect();
     assert!(
@@ -48,7 +54,8 @@ fn a_growing_map_that_resizes_past_the_limit_is_caught_with_its_call_site() {
     assert_eq!(lines.len(), 2, "one line per offending allocation:\n{msg}");
     assert!(lines[1].contains("bytes ("), "{msg}");
     assert!(
-        lines[1].contains("assert_no_large_allocs::build_index") && lines[1].contains("tests/assert_no_large_allocs.rs:"),
+        lines[1].contains("assert_no_large_allocs::build_index")
+            && lines[1].contains("tests/assert_no_large_allocs.rs:"),
         "the first frame outside the allocator and std must be the map's owner:\n{msg}"
     );
 }
@@ -66,15 +73,28 @@ fn every_offending_allocation_gets_a_line_with_size_and_location() {
     .expect_err("two allocations over the limit");
     let msg = err.downcast_ref::<String>().unwrap();
     assert!(msg.contains("freezetrap: 2 allocation(s)"), "{msg}");
-    assert!(msg.contains("73400320 bytes (70.00 MiB) at assert_no_large_allocs::allocate_big_buffer (") && msg.contains(&format!("tests/assert_no_large_allocs.rs:{BIG_BUFFER_LINE})")), "{msg}");
-    assert!(msg.contains("104857600 bytes (100.00 MiB) at assert_no_large_allocs::allocate_big_buffer"), "{msg}");
-    assert!(!msg.contains("1048576 bytes"), "allocations under the limit are not listed:\n{msg}");
+    assert!(
+        msg.contains("73400320 bytes (70.00 MiB) at assert_no_large_allocs::allocate_big_buffer (")
+            && msg.contains(&format!(
+                "tests/assert_no_large_allocs.rs:{BIG_BUFFER_LINE})"
+            )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("104857600 bytes (100.00 MiB) at assert_no_large_allocs::allocate_big_buffer"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("1048576 bytes"),
+        "allocations under the limit are not listed:\n{msg}"
+    );
 }
 
 #[test]
 fn the_fix_passes_and_returns_the_value() {
     // Reserving up front still allocates the big table: the assertion reports it honestly...
-    let err = std::panic::catch_unwind(|| assert_no_large_allocs(LIMIT, || build_index(4_000_000, true)));
+    let err =
+        std::panic::catch_unwind(|| assert_no_large_allocs(LIMIT, || build_index(4_000_000, true)));
     assert!(err.is_err());
     // ...while a limit above the reserved size passes and hands the body's value back.
     let m = assert_no_large_allocs(512 << 20, || build_index(4_000_000, true));
@@ -120,7 +140,10 @@ fn nested_scopes_each_see_what_meets_their_limit() {
     })
     .expect_err("inner scope must trip");
     let msg = err.downcast_ref::<String>().unwrap();
-    assert!(msg.contains("at least 67108864 bytes"), "the inner scope reports:\n{msg}");
+    assert!(
+        msg.contains("at least 67108864 bytes"),
+        "the inner scope reports:\n{msg}"
+    );
     // After the panic unwound both scopes, the threshold is back to off.
     assert_eq!(freezetrap::alloc_guard::threshold(), None);
     let v = assert_no_large_allocs(256 << 20, || allocate_big_buffer(100 << 20).capacity());
@@ -138,5 +161,8 @@ fn realloc_growth_is_caught_as_a_realloc() {
     })
     .expect_err("a realloc to 96 MiB trips 64 MiB");
     let msg = err.downcast_ref::<String>().unwrap();
-    assert!(msg.contains("realloc to 100663296 bytes (96.00 MiB) from 33554432 bytes"), "{msg}");
+    assert!(
+        msg.contains("realloc to 100663296 bytes (96.00 MiB) from 33554432 bytes"),
+        "{msg}"
+    );
 }

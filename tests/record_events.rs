@@ -51,7 +51,10 @@ fn setup() {
 fn find_event(size: u64, tid: u64) -> Option<RawEvent> {
     let mut out = vec![RawEvent::EMPTY; 256];
     let n = RING.events_between(0, u64::MAX, &mut out);
-    out[..n].iter().find(|e| e.size == size && e.thread_id == tid).copied()
+    out[..n]
+        .iter()
+        .find(|e| e.size == size && e.thread_id == tid)
+        .copied()
 }
 
 #[inline(never)]
@@ -79,7 +82,10 @@ fn alloc_zeroed_and_realloc_events_carry_every_field() {
     assert_eq!(z.kind, AllocKind::AllocZeroed);
     assert_eq!(z.old_size, 0);
     assert_eq!(z.address, zeroed.as_ptr() as u64);
-    assert!(z.ts_ns >= t0 && z.ts_ns <= t1, "timestamp within the test's window");
+    assert!(
+        z.ts_ns >= t0 && z.ts_ns <= t1,
+        "timestamp within the test's window"
+    );
     assert!(z.ts_ns + z.duration_ns <= t1);
     assert!(z.frame_count >= 4, "a backtrace was captured");
 
@@ -91,15 +97,24 @@ fn alloc_zeroed_and_realloc_events_carry_every_field() {
     let p = find_event(34 << 20, tid).expect("alloc event");
     assert_eq!(p.kind, AllocKind::Alloc);
     let name = std::thread::current().name().unwrap().to_string();
-    assert!(name.starts_with(p.thread_name()), "thread name {:?} vs {name:?}", p.thread_name());
+    assert!(
+        name.starts_with(p.thread_name()),
+        "thread name {:?} vs {name:?}",
+        p.thread_name()
+    );
 
-    assert!(find_event(((32 << 20) - 1) as u64, tid).is_none(), "under the threshold: not recorded");
+    assert!(
+        find_event(((32 << 20) - 1) as u64, tid).is_none(),
+        "under the threshold: not recorded"
+    );
 
     // The frames resolve to this test's functions, with the allocator's own frames removed.
     let frames = alloc_guard::symbolize::Symbolizer::new().resolve(z.frames());
     let first = alloc_guard::symbolize::first_user_frame(&frames).unwrap();
     assert_eq!(first.function, "record_events::make_zeroed", "{frames:#?}");
-    assert!(!frames.iter().any(|f| alloc_guard::symbolize::is_allocator_frame(&f.function)));
+    assert!(!frames
+        .iter()
+        .any(|f| alloc_guard::symbolize::is_allocator_frame(&f.function)));
 }
 
 #[test]
@@ -119,7 +134,10 @@ fn an_allocation_is_in_flight_until_the_inner_allocator_returns() {
         if let Some(e) = out[..n].iter().find(|e| e.size == GATED_SIZE as u64) {
             break *e;
         }
-        assert!(Instant::now() < deadline, "the gated allocation never showed as in flight");
+        assert!(
+            Instant::now() < deadline,
+            "the gated allocation never showed as in flight"
+        );
         std::thread::yield_now();
     };
     assert_eq!(seen.thread_name(), "gated-alloc");
@@ -130,7 +148,10 @@ fn an_allocation_is_in_flight_until_the_inner_allocator_returns() {
     assert_eq!(seen.thread_id, tid);
     assert_eq!(cap, GATED_SIZE);
     let n = inflight::in_flight(&mut out);
-    assert!(!out[..n].iter().any(|e| e.size == GATED_SIZE as u64), "mark cleared on return");
+    assert!(
+        !out[..n].iter().any(|e| e.size == GATED_SIZE as u64),
+        "mark cleared on return"
+    );
     let done = find_event(GATED_SIZE as u64, tid).expect("completed event");
     assert!(done.address != 0);
 }
@@ -171,17 +192,34 @@ fn the_reporter_writes_contract_json_lines() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("each line is JSON"))
         .find(|j| j["size"] == marker)
         .unwrap_or_else(|| panic!("no line for our allocation in:\n{text}"));
-    for key in ["event", "seq", "kind", "size", "old_size", "thread_id", "thread_name", "ts_ns", "duration_ns", "frames"] {
+    for key in [
+        "event",
+        "seq",
+        "kind",
+        "size",
+        "old_size",
+        "thread_id",
+        "thread_name",
+        "ts_ns",
+        "duration_ns",
+        "frames",
+    ] {
         assert!(line.get(key).is_some(), "missing {key} in {line}");
     }
     assert_eq!(line["event"], "large_alloc");
     assert_eq!(line["kind"], "alloc");
     let frames = line["frames"].as_array().unwrap();
     assert!(
-        frames.iter().any(|f| f["function"].as_str().unwrap_or("").contains("the_reporter_writes_contract_json_lines")),
+        frames.iter().any(|f| f["function"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the_reporter_writes_contract_json_lines")),
         "caller frame present: {line}"
     );
-    assert!(!frames[0]["function"].as_str().unwrap().starts_with("alloc_guard::"));
+    assert!(!frames[0]["function"]
+        .as_str()
+        .unwrap()
+        .starts_with("alloc_guard::"));
 }
 
 #[test]

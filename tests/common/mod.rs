@@ -16,9 +16,23 @@ pub fn role() -> Option<String> {
 /// A command that re-runs this test binary, executing only the test `test_name` in role `role`.
 pub fn child(test_name: &str, role: &str) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("current_exe"));
-    c.args(["--exact", test_name, "--nocapture", "--test-threads=1", "-q"]);
+    c.args([
+        "--exact",
+        test_name,
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ]);
     c.env(ROLE, role);
-    for v in ["FREEZETRAP_ALLOC_THRESHOLD", "FREEZETRAP_REPORT", "FREEZETRAP_OUT", "FREEZETRAP_STALL", "FREEZETRAP_CAPTURE", "FREEZETRAP_QUIET", "FREEZETRAP_BACKTRACE_DEPTH"] {
+    for v in [
+        "FREEZETRAP_ALLOC_THRESHOLD",
+        "FREEZETRAP_REPORT",
+        "FREEZETRAP_OUT",
+        "FREEZETRAP_STALL",
+        "FREEZETRAP_CAPTURE",
+        "FREEZETRAP_QUIET",
+        "FREEZETRAP_BACKTRACE_DEPTH",
+    ] {
         c.env_remove(v);
     }
     c
@@ -27,7 +41,11 @@ pub fn child(test_name: &str, role: &str) -> Command {
 /// Runs `cmd` to completion, killing it after `limit` (a hang is a test failure, not a hung CI).
 pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
     use std::process::Stdio;
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn child");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
     let start = Instant::now();
     loop {
         if child.try_wait().expect("try_wait").is_some() {
@@ -71,7 +89,9 @@ pub fn ebpf_or_skip(test: &str) -> bool {
 /// The full path of `prog` on PATH.
 pub fn which(prog: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join(prog)).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
     })
 }
 

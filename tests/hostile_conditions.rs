@@ -1,0 +1,149 @@
+//! The wrapper under the conditions that deadlock allocator hooks in other projects: a child
+//! after `fork()` while other threads were recording, thread teardown (TLS destructors that
+//! allocate), and a panic with backtrace on another thread. Each case runs in a child process
+//! with a deadline, so a deadlock fails the test instead of hanging the suite.
+
+mod common;
+
+use freezetrap::alloc_guard;
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: freezetrap::GuardedAlloc<tikv_jemallocator::Jemalloc> =
+    freezetrap::GuardedAlloc::new(tikv_jemallocator::Jemalloc);
+
+const BIG: usize = 1 << 20;
+
+fn churn_big_allocations(
+    stop: &'static std::sync::atomic::AtomicBool,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let v: Vec<u8> = Vec::with_capacity(BIG + (n as usize % 4096));
+            std::hint::black_box(&v);
+            n += 1;
+        }
+        n
+    })
+}
+
+#[test]
+fn child_roles() {
+    let Some(role) = common::role() else { return };
+    alloc_guard::set_threshold(Some(BIG));
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match role.as_str() {
+        "fork" => {
+            // Four threads record big allocations non-stop while we fork 30 times; each child
+            // records a big allocation of its own (backtrace, ring, probe) and exits.
+            let churners: Vec<_> = (0..4).map(|_| churn_big_allocations(&STOP)).collect();
+            for i in 0..30 {
+                // SAFETY: the child only allocates through the global allocator and calls
+                // _exit; that is exactly what this test is about.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    let before = alloc_guard::stats().recorded;
+                    let v: Vec<u8> = Vec::with_capacity(BIG * 3);
+                    std::hint::black_box(&v);
+                    let small: Vec<u64> = (0..1000).collect();
+                    std::hint::black_box(&small);
+                    let ok = alloc_guard::stats().recorded > before;
+                    unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+                }
+                assert!(pid > 0, "fork failed");
+                let mut status = 0;
+                let start = std::time::Instant::now();
+                loop {
+                    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+                    if r == pid {
+                        break;
+                    }
+                    if start.elapsed() > Duration::from_secs(10) {
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        panic!("forked child {i} hung while allocating");
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                assert!(
+                    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                    "child {i} status {status}"
+                );
+            }
+            STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            let total: u64 = churners.into_iter().map(|c| c.join().unwrap()).sum();
+            println!("FORK_OK churned={total}");
+        }
+        "teardown" => {
+            struct AllocatesOnDrop;
+            impl Drop for AllocatesOnDrop {
+                fn drop(&mut self) {
+                    let v: Vec<u8> = Vec::with_capacity(BIG * 2 + 7);
+                    std::hint::black_box(&v);
+                }
+            }
+            thread_local!(static T: AllocatesOnDrop = const { AllocatesOnDrop });
+            let before = alloc_guard::stats().recorded;
+            for _ in 0..50 {
+                std::thread::spawn(|| T.with(|_| ())).join().unwrap();
+            }
+            let recorded = alloc_guard::stats().recorded - before;
+            assert!(
+                recorded >= 50,
+                "big allocations in TLS destructors are recorded: {recorded}"
+            );
+            println!("TEARDOWN_OK recorded={recorded}");
+        }
+        "panic" => {
+            std::panic::set_hook(Box::new(|_| {
+                // Capture a backtrace like the default hook does (it takes std's backtrace lock
+                // and allocates), while another thread is recording.
+                let bt = std::backtrace::Backtrace::force_capture();
+                std::hint::black_box(bt.to_string());
+            }));
+            let churner = churn_big_allocations(&STOP);
+            for _ in 0..200 {
+                let r = std::thread::spawn(|| {
+                    let v: Vec<u8> = Vec::with_capacity(BIG * 2);
+                    std::hint::black_box(&v);
+                    panic!("deliberate");
+                })
+                .join();
+                assert!(r.is_err());
+            }
+            STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            let n = churner.join().unwrap();
+            println!("PANIC_OK churned={n}");
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn run_role(role: &str, ok_marker: &str) {
+    let out = common::run_with_timeout(
+        &mut common::child("child_roles", role),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(ok_marker),
+        "role {role} failed: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_forked_child_can_allocate_and_record_while_the_parent_was_recording() {
+    run_role("fork", "FORK_OK");
+}
+
+#[test]
+fn allocations_in_tls_destructors_during_thread_teardown_are_recorded() {
+    run_role("teardown", "TEARDOWN_OK");
+}
+
+#[test]
+fn a_panicking_thread_does_not_deadlock_a_recording_one() {
+    run_role("panic", "PANIC_OK");
+}
