@@ -44,6 +44,7 @@ impl Freezetrap {
 /// malformed values print one line and leave that feature off. With no variable set it starts
 /// nothing.
 pub fn init_from_env() -> Freezetrap {
+    alloc_guard::reload_threshold_from_env();
     let settings = alloc_guard::EnvSettings::from_env();
     let writer = settings.open_writer();
     let reporter = alloc_guard::start_reporter(writer, settings.quiet);

@@ -63,6 +63,7 @@ pub mod sys;
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::Ordering;
+use record::Request;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -104,12 +105,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
             // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
             return unsafe { self.inner.alloc(layout) };
         }
-        // SAFETY: the closure is the same forwarded call.
-        unsafe {
-            record::slow_path(AllocKind::Alloc, layout.size(), 0, || {
-                self.inner.alloc(layout)
-            })
-        }
+        // SAFETY: the request is the caller's, forwarded unchanged.
+        unsafe { record::slow_path(&self.inner, Request::Alloc(layout)) }
     }
 
     #[inline]
@@ -118,12 +115,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
             // SAFETY: forwarded unchanged.
             return unsafe { self.inner.alloc_zeroed(layout) };
         }
-        // SAFETY: the closure is the same forwarded call.
-        unsafe {
-            record::slow_path(AllocKind::AllocZeroed, layout.size(), 0, || {
-                self.inner.alloc_zeroed(layout)
-            })
-        }
+        // SAFETY: the request is the caller's, forwarded unchanged.
+        unsafe { record::slow_path(&self.inner, Request::AllocZeroed(layout)) }
     }
 
     #[inline]
@@ -132,11 +125,16 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
             // SAFETY: forwarded unchanged; `ptr` was allocated by `inner` via this wrapper.
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
-        // SAFETY: the closure is the same forwarded call.
+        // SAFETY: the request is the caller's, forwarded unchanged.
         unsafe {
-            record::slow_path(AllocKind::Realloc, new_size, layout.size(), || {
-                self.inner.realloc(ptr, layout, new_size)
-            })
+            record::slow_path(
+                &self.inner,
+                Request::Realloc {
+                    ptr,
+                    layout,
+                    new_size,
+                },
+            )
         }
     }
 
@@ -155,6 +153,14 @@ pub fn set_threshold(bytes: Option<usize>) {
     });
 }
 
+/// Sets how many raw frames are captured per oversized allocation (clamped to 1..=32),
+/// overriding `FREEZETRAP_BACKTRACE_DEPTH`. Fewer frames make each event cheaper: unwinding
+/// costs roughly 0.3 µs per frame.
+pub fn set_backtrace_depth(frames: usize) {
+    record::wait_init();
+    record::DEPTH.store(frames.clamp(1, ring::MAX_FRAMES), Ordering::Relaxed);
+}
+
 /// The recording threshold in force (`None` = off). Active `assert_no_large_allocs` scopes do not
 /// change it.
 pub fn threshold() -> Option<usize> {
@@ -167,6 +173,38 @@ pub fn is_installed() -> bool {
     let probe = std::hint::black_box(Box::new(0u8));
     drop(probe);
     record::initialised()
+}
+
+/// Re-reads `FREEZETRAP_ALLOC_THRESHOLD` through `std::env` (for programs that set it in
+/// `main`, after the first allocation already read the environment) and applies it when it is
+/// valid. A malformed value prints the usual one-line message, unless it was already reported
+/// at start-up.
+pub fn reload_threshold_from_env() {
+    record::wait_init();
+    let Ok(v) = std::env::var("FREEZETRAP_ALLOC_THRESHOLD") else {
+        return;
+    };
+    match config::parse_size(v.as_bytes()) {
+        Ok(t) => {
+            if threshold() != Some(t) {
+                set_threshold(Some(t));
+            }
+        }
+        Err(e) => {
+            let seen_at_start = config::getenv_bytes(c"FREEZETRAP_ALLOC_THRESHOLD")
+                == Some(v.as_bytes())
+                && record::complained_at_start();
+            if !seen_at_start {
+                config::complain_malformed(
+                    "FREEZETRAP_ALLOC_THRESHOLD",
+                    v.as_bytes(),
+                    e,
+                    config::SIZE_FORM,
+                    "large-allocation recording stays off",
+                );
+            }
+        }
+    }
 }
 
 /// Settings read from the environment by [`init_from_env`].
@@ -264,6 +302,7 @@ pub fn start_reporter(writer: Arc<ReportWriter>, quiet: bool) -> Option<Reporter
 /// Reads the environment and starts the reporter if recording is on. The returned reporter
 /// reports what is left when dropped; keep it alive for the life of the program.
 pub fn init_from_env() -> Option<Reporter> {
+    reload_threshold_from_env();
     let env = EnvSettings::from_env();
     start_reporter(env.open_writer(), env.quiet)
 }

@@ -21,6 +21,7 @@ use crate::inflight::InFlightMark;
 use crate::ring::{AllocKind, RawEvent, MAX_FRAMES, RING};
 use crate::scope;
 use crate::sys;
+use core::alloc::{GlobalAlloc, Layout};
 use core::cell::Cell;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
@@ -37,6 +38,13 @@ const UNINIT: u8 = 0;
 const INITIALISING: u8 = 1;
 const READY: u8 = 2;
 static INIT: AtomicU8 = AtomicU8::new(UNINIT);
+/// Whether the start-up read found `FREEZETRAP_ALLOC_THRESHOLD` malformed (and said so).
+static COMPLAINED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// True when start-up already printed the malformed-threshold line.
+pub(crate) fn complained_at_start() -> bool {
+    COMPLAINED.load(Ordering::Relaxed)
+}
 
 /// The threshold the fast path compares against.
 #[inline(always)]
@@ -71,13 +79,16 @@ pub(crate) fn ensure_init() {
     if let Some(v) = config::getenv_bytes(c"FREEZETRAP_ALLOC_THRESHOLD") {
         match config::parse_size(v) {
             Ok(t) => BASE_THRESHOLD.store(t, Ordering::Relaxed),
-            Err(e) => config::complain_malformed(
-                "FREEZETRAP_ALLOC_THRESHOLD",
-                v,
-                e,
-                config::SIZE_FORM,
-                "large-allocation recording stays off",
-            ),
+            Err(e) => {
+                COMPLAINED.store(true, Ordering::Relaxed);
+                config::complain_malformed(
+                    "FREEZETRAP_ALLOC_THRESHOLD",
+                    v,
+                    e,
+                    config::SIZE_FORM,
+                    "large-allocation recording stays off",
+                )
+            }
         }
     }
     if let Some(v) = config::getenv_bytes(c"FREEZETRAP_BACKTRACE_DEPTH") {
@@ -179,19 +190,63 @@ pub(crate) fn capture_frames(out: &mut [usize; MAX_FRAMES]) -> usize {
     n
 }
 
-/// The slow path for one allocation. `call` runs the inner allocator.
+/// One allocator request that reached the slow path.
+#[derive(Clone, Copy)]
+pub(crate) enum Request {
+    Alloc(Layout),
+    AllocZeroed(Layout),
+    Realloc {
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+    },
+}
+
+impl Request {
+    fn kind_and_sizes(&self) -> (AllocKind, usize, usize) {
+        match *self {
+            Request::Alloc(l) => (AllocKind::Alloc, l.size(), 0),
+            Request::AllocZeroed(l) => (AllocKind::AllocZeroed, l.size(), 0),
+            Request::Realloc {
+                layout, new_size, ..
+            } => (AllocKind::Realloc, new_size, layout.size()),
+        }
+    }
+
+    /// Forwards the request to `inner`.
+    ///
+    /// # Safety
+    /// The request must satisfy `inner`'s `GlobalAlloc` contract (it is the caller's request).
+    #[inline(always)]
+    unsafe fn forward<A: GlobalAlloc>(self, inner: &A) -> *mut u8 {
+        // SAFETY: forwarded unchanged from our caller, who upholds the contract.
+        unsafe {
+            match self {
+                Request::Alloc(l) => inner.alloc(l),
+                Request::AllocZeroed(l) => inner.alloc_zeroed(l),
+                Request::Realloc {
+                    ptr,
+                    layout,
+                    new_size,
+                } => inner.realloc(ptr, layout, new_size),
+            }
+        }
+    }
+}
+
+/// The slow path for one allocation at or above [`THRESHOLD`].
+///
+/// Takes the request as a value (not a closure) so the fast path builds nothing before its
+/// compare; `#[cold]` and `#[inline(never)]` keep all of this out of the caller's code.
 ///
 /// # Safety
-/// `call` must be the inner allocator's call for this request (the caller's `GlobalAlloc`
-/// contract is forwarded unchanged).
+/// `req` must satisfy `inner`'s `GlobalAlloc` contract (the caller's request, unchanged).
 #[cold]
 #[inline(never)]
-pub(crate) unsafe fn slow_path(
-    kind: AllocKind,
-    size: usize,
-    old_size: usize,
-    call: impl FnOnce() -> *mut u8,
-) -> *mut u8 {
+pub(crate) unsafe fn slow_path<A: GlobalAlloc>(inner: &A, req: Request) -> *mut u8 {
+    let (kind, size, old_size) = req.kind_and_sizes();
+    // SAFETY (for every `req.forward(inner)` below): the request is the caller's, unchanged.
+    let call = || unsafe { req.forward(inner) };
     ensure_init();
     let record_global = size >= BASE_THRESHOLD.load(Ordering::Relaxed);
     let record_scope = scope::wants(size);
