@@ -4,8 +4,8 @@
 //! - `small_allocs/{1,2}_threads/*`: the allocator-call workload on bare jemalloc, on the guard
 //!   with no threshold, and on the guard with a 64 MiB threshold.
 //! - `oversized_event/*`: a 1 MiB alloc+free through bare jemalloc and through the guard with a
-//!   512 KiB threshold; the difference is the per-event cost on the allocating thread
-//!   (backtrace, clock, thread id and name, in-flight mark, ring push, probe).
+//!   512 KiB threshold, with each unwinder; the difference is the per-event cost on the
+//!   allocating thread (backtrace, clock, cached thread facts, in-flight mark, ring push, probe).
 //! - `backtrace/*`: the two ways to capture 32 raw frames: `trace_unsynchronized` (DWARF, what
 //!   the guard uses) and a frame-pointer walk (cheaper, but wrong without frame pointers).
 
@@ -69,15 +69,25 @@ fn oversized_event(c: &mut Criterion) {
         })
     });
     freezetrap::alloc_guard::set_threshold(Some(512 << 10));
-    for depth in [8usize, 16, 24, 32] {
+    use freezetrap::alloc_guard::unwind::{self, Unwinder};
+    for (unwinder, depth) in [
+        (Unwinder::FramePointers, 32usize),
+        (Unwinder::Dwarf, 32),
+        (Unwinder::Dwarf, 8),
+    ] {
+        unwind::force(unwinder);
         freezetrap::alloc_guard::set_backtrace_depth(depth);
-        g.bench_function(format!("guard_recorded_1MiB_depth_{depth}"), |b| {
-            b.iter(|| unsafe {
-                let p = GUARD.alloc(black_box(layout));
-                GUARD.dealloc(black_box(p), layout);
-            })
-        });
+        g.bench_function(
+            format!("guard_recorded_1MiB_{unwinder:?}_depth_{depth}"),
+            |b| {
+                b.iter(|| unsafe {
+                    let p = GUARD.alloc(black_box(layout));
+                    GUARD.dealloc(black_box(p), layout);
+                })
+            },
+        );
     }
+    unwind::force(Unwinder::Undecided);
     freezetrap::alloc_guard::set_backtrace_depth(freezetrap::alloc_guard::ring::MAX_FRAMES);
     freezetrap::alloc_guard::set_threshold(None);
     g.finish();

@@ -38,6 +38,9 @@ fn child_roles() {
             // Four threads record big allocations non-stop while we fork 30 times; each child
             // records a big allocation of its own (backtrace, ring, probe) and exits.
             let churners: Vec<_> = (0..4).map(|_| churn_big_allocations(&STOP)).collect();
+            // Record once in the parent's main thread, so its thread id is cached before fork.
+            let warm: Vec<u8> = Vec::with_capacity(BIG * 2);
+            std::hint::black_box(&warm);
             for i in 0..30 {
                 // SAFETY: the child only allocates through the global allocator and calls
                 // _exit; that is exactly what this test is about.
@@ -49,7 +52,23 @@ fn child_roles() {
                     let small: Vec<u64> = (0..1000).collect();
                     std::hint::black_box(&small);
                     let ok = alloc_guard::stats().recorded > before;
-                    unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+                    // The event must carry the child's thread id (= its pid), not the parent's
+                    // cached one.
+                    let mut evs = [alloc_guard::RawEvent::EMPTY; 8];
+                    let n = alloc_guard::RING.events_between(0, u64::MAX, &mut evs);
+                    let pid = unsafe { libc::getpid() } as u64;
+                    let right_tid = evs[..n]
+                        .iter()
+                        .any(|e| e.size == (BIG * 3) as u64 && e.thread_id == pid);
+                    unsafe {
+                        libc::_exit(if !ok {
+                            3
+                        } else if !right_tid {
+                            4
+                        } else {
+                            0
+                        })
+                    };
                 }
                 assert!(pid > 0, "fork failed");
                 let mut status = 0;

@@ -123,7 +123,8 @@ fn an_allocation_is_in_flight_until_the_inner_allocator_returns() {
     let h = std::thread::Builder::new()
         .name("gated-alloc".into())
         .spawn(|| {
-            let v: Vec<u8> = Vec::with_capacity(GATED_SIZE);
+            // black_box: otherwise LLVM may elide an allocation whose capacity is all we use.
+            let v: Vec<u8> = std::hint::black_box(Vec::with_capacity(GATED_SIZE));
             (alloc_guard::sys::current_tid(), v.capacity())
         })
         .unwrap();
@@ -261,4 +262,50 @@ fn the_human_line_reads_like_a_sentence() {
         alloc_guard::report::human_line(&ev, &frames),
         "freezetrap: large allocation: 3.50 GiB realloc (from 1.75 GiB) on thread 'shard-3' (tid 42) took 2.41 s at my_service::index::insert (svc/src/index.rs:57)"
     );
+}
+
+#[inline(never)]
+fn allocate_marker(bytes: usize) -> Vec<u8> {
+    std::hint::black_box(Vec::with_capacity(bytes))
+}
+
+#[test]
+fn both_unwinders_name_the_same_caller_and_auto_picks_frame_pointers_here() {
+    use alloc_guard::unwind::{self, Unwinder};
+    setup();
+    let tid = alloc_guard::sys::current_tid();
+    let mut sym = alloc_guard::symbolize::Symbolizer::new();
+    let mut callers = Vec::new();
+    for (i, u) in [Unwinder::Dwarf, Unwinder::FramePointers]
+        .into_iter()
+        .enumerate()
+    {
+        unwind::force(u);
+        let size = (45 << 20) + i;
+        let v = allocate_marker(size);
+        let ev = find_event(size as u64, tid).expect("event");
+        drop(v);
+        let frames = sym.resolve(ev.frames());
+        let first = alloc_guard::symbolize::first_user_frame(&frames)
+            .unwrap()
+            .clone();
+        assert_eq!(
+            first.function, "record_events::allocate_marker",
+            "{u:?}: {frames:#?}"
+        );
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.function.contains("both_unwinders_name_the_same_caller")),
+            "{u:?} reaches the test function: {frames:#?}"
+        );
+        callers.push(first);
+    }
+    assert_eq!(callers[0], callers[1]);
+    // auto: the first stack is unwound both ways; this workspace builds with frame pointers, so
+    // they agree and the cheap unwinder is kept.
+    unwind::force(Unwinder::Undecided);
+    let v = allocate_marker(46 << 20);
+    drop(v);
+    assert_eq!(unwind::current(), Unwinder::FramePointers);
 }

@@ -48,6 +48,12 @@ pub const ENV_VARS: &[EnvVar] = &[
         effect: "raw frames captured per oversized allocation (fewer = cheaper event)",
     },
     EnvVar {
+        name: "FREEZETRAP_UNWIND",
+        value: "`auto`, `fp` or `dwarf`",
+        default: "auto",
+        effect: "how backtraces are taken: frame pointers (~1 µs an event) or DWARF (~10 µs, works without frame pointers); `auto` checks the first stack both ways and keeps frame pointers if they agree",
+    },
+    EnvVar {
         name: "FREEZETRAP_QUIET",
         value: "`1` or `0`",
         default: "0",

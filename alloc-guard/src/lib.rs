@@ -60,6 +60,7 @@ pub mod ring;
 mod scope;
 pub mod symbolize;
 pub mod sys;
+pub mod unwind;
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::Ordering;

@@ -6,9 +6,8 @@
 //! through the Rust global allocator (its own allocations would recurse; the reentrancy guard
 //! turns any that slip through into plain pass-throughs), never takes a lock (a lock held by the
 //! reporter while it allocates, or by a thread that vanished at `fork()`, would deadlock us),
-//! never symbolizes and never reads `/proc`. Backtraces are raw return addresses from
-//! `backtrace::trace_unsynchronized`, which unwinds with libgcc's `_Unwind_Backtrace`: no lock and
-//! no allocation on glibc >= 2.35 (it finds unwind tables with `_dl_find_object`).
+//! never symbolizes and never reads `/proc`. Backtraces are raw return addresses (see
+//! [`crate::unwind`] for the two ways they are taken).
 //!
 //! # Threshold state
 //! [`THRESHOLD`] is the one word the fast path reads. It starts at 0, so the very first
@@ -21,6 +20,7 @@ use crate::inflight::InFlightMark;
 use crate::ring::{AllocKind, RawEvent, MAX_FRAMES, RING};
 use crate::scope;
 use crate::sys;
+use crate::unwind;
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::Cell;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -76,6 +76,7 @@ pub(crate) fn ensure_init() {
     {
         return; // another thread is initialising; this allocation just passes through
     }
+    sys::register_fork_handler();
     if let Some(v) = config::getenv_bytes(c"FREEZETRAP_ALLOC_THRESHOLD") {
         match config::parse_size(v) {
             Ok(t) => BASE_THRESHOLD.store(t, Ordering::Relaxed),
@@ -91,6 +92,7 @@ pub(crate) fn ensure_init() {
             }
         }
     }
+    unwind::init_from_env();
     if let Some(v) = config::getenv_bytes(c"FREEZETRAP_BACKTRACE_DEPTH") {
         match config::parse_uint_in(v, 1, MAX_FRAMES as u64) {
             Ok(d) => DEPTH.store(d as usize, Ordering::Relaxed),
@@ -164,32 +166,6 @@ pub fn mark_current_thread_internal() {
     let _ = BUSY.try_with(|b| b.set(true));
 }
 
-/// Captures up to `DEPTH` raw return addresses of the calling thread into `out`.
-///
-/// `#[inline(never)]` so the frames above it are always the same few allocator frames, which the
-/// symbolizer trims by name.
-#[inline(never)]
-pub(crate) fn capture_frames(out: &mut [usize; MAX_FRAMES]) -> usize {
-    let depth = DEPTH.load(Ordering::Relaxed).min(MAX_FRAMES);
-    let mut n = 0;
-    // SAFETY: `trace_unsynchronized` is unsafe only because it skips backtrace-rs's global lock,
-    // which exists for platforms whose unwinders are not thread-safe (Windows dbghelp). On Linux
-    // it calls libgcc's `_Unwind_Backtrace`, which is thread-safe. Skipping the lock is the point:
-    // a lock here could be held by a thread that is itself allocating (dhat-rs #38), or by a
-    // thread that no longer exists after fork(). The closure only writes into `out`.
-    unsafe {
-        backtrace::trace_unsynchronized(|frame| {
-            if n >= depth {
-                return false;
-            }
-            out[n] = frame.ip() as usize;
-            n += 1;
-            true
-        });
-    }
-    n
-}
-
 /// One allocator request that reached the slow path.
 #[derive(Clone, Copy)]
 pub(crate) enum Request {
@@ -261,9 +237,9 @@ pub(crate) unsafe fn slow_path<A: GlobalAlloc>(inner: &A, req: Request) -> *mut 
     ev.kind = kind;
     ev.size = size as u64;
     ev.old_size = old_size as u64;
-    ev.frame_count = capture_frames(&mut ev.frames);
-    ev.thread_id = sys::current_tid();
-    ev.thread_name = sys::current_thread_name();
+    let facts = sys::current_thread_facts();
+    ev.frame_count = unwind::capture_frames(&mut ev.frames, facts.stack_hi);
+    (ev.thread_id, ev.thread_name) = (facts.tid, facts.name);
     ev.ts_ns = sys::monotonic_ns();
 
     let mark = if record_global {
