@@ -19,11 +19,15 @@ pub use alloc_guard;
 pub use alloc_guard::{assert_no_large_allocs, GuardedAlloc};
 pub use probes;
 pub use watchdog;
+pub use watchdog::Heartbeat;
 
 /// What [`init_from_env`] started. Keep it alive for the life of the program: dropping it
 /// reports what is still pending and stops freezetrap's threads.
 #[must_use = "dropping the handle stops freezetrap's background threads"]
 pub struct Freezetrap {
+    // Field order is drop order: the watchdog stops (reporting open stalls) before the
+    // allocation reporter flushes.
+    watchdog: Option<watchdog::Watchdog>,
     reporter: Option<alloc_guard::Reporter>,
     settings: alloc_guard::EnvSettings,
 }
@@ -32,6 +36,11 @@ impl Freezetrap {
     /// The large-allocation reporter, when recording is on.
     pub fn reporter(&self) -> Option<&alloc_guard::Reporter> {
         self.reporter.as_ref()
+    }
+
+    /// The watchdog, when `FREEZETRAP_STALL` is set.
+    pub fn watchdog(&self) -> Option<&watchdog::Watchdog> {
+        self.watchdog.as_ref()
     }
 
     /// The settings read from the environment.
@@ -47,6 +56,12 @@ pub fn init_from_env() -> Freezetrap {
     alloc_guard::reload_threshold_from_env();
     let settings = alloc_guard::EnvSettings::from_env();
     let writer = settings.open_writer();
-    let reporter = alloc_guard::start_reporter(writer, settings.quiet);
-    Freezetrap { reporter, settings }
+    let reporter = alloc_guard::start_reporter(writer.clone(), settings.quiet);
+    let watchdog = watchdog::WatchdogConfig::from_env(settings.out_dir.as_deref())
+        .and_then(|cfg| watchdog::Watchdog::start_logged(cfg, writer));
+    Freezetrap {
+        watchdog,
+        reporter,
+        settings,
+    }
 }

@@ -1,10 +1,224 @@
-//! `watchdog`: freezetrap's stall detector (work in progress, see issue #3).
+//! `watchdog`: notices freezes from inside the process, names the large allocations behind
+//! them, and starts an external capture while the freeze is still going on.
 //!
-//! This crate will hold the heartbeat registry, the process-hiccup detector, the suspect
-//! correlation with `alloc-guard`'s events and the capture trigger. For now it only re-exports
-//! what it will build on, so the workspace's dependency direction
-//! (probes <- alloc-guard <- watchdog <- freezetrap) is in place.
+//! Two detectors, both on wall-clock (`CLOCK_MONOTONIC`) time, so off-CPU waits count:
+//! - **process hiccups** (jHiccup-style): the watchdog thread sleeps one tick on absolute
+//!   deadlines; waking late by at least the threshold means the whole process was frozen
+//!   (SIGSTOP, a VM pause, a global lock) — reported with scope `process`;
+//! - **heartbeats**: [`Heartbeat`] handles that critical threads beat; one that has not moved
+//!   for the threshold is a thread stall, detected while it is still going on.
+//!
+//! On a stall it fires `freezetrap:stall_begin`, collects suspects from `alloc-guard` (in
+//! flight now, and large allocations from the look-back window on), reads every thread's
+//! `/proc/self/task/*/{stat,wchan,stack}`, and starts `FREEZETRAP_CAPTURE` with posix_spawn.
+//! When the stall ends it fires `stall_end` and the report thread writes the summary:
+//!
+//! ```text
+//! freezetrap: thread 'indexer' (tid 4242) stalled 2.41 s; suspect: 1.06 GiB alloc on the same thread 3.0 ms before, at my_service::index::insert (svc/src/index.rs:57); capture: /var/tmp/ft/stall-1-4200/offcpu.svg
+//! ```
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! let cfg = watchdog::WatchdogConfig::new(Duration::from_millis(200));
+//! let wd = watchdog::Watchdog::start(cfg, std::sync::Arc::new(alloc_guard::ReportWriter::off())).unwrap();
+//! let hb = watchdog::Heartbeat::new("event-loop");
+//! loop {
+//!     hb.beat();
+//!     // ... one turn of the loop ...
+//! #   break;
+//! }
+//! drop(wd);
+//! ```
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
-pub use alloc_guard;
+pub mod config;
+mod detector;
+pub mod heartbeat;
+pub mod procview;
+mod report;
+pub mod stall;
+pub mod suspects;
+pub mod trigger;
+
+pub use config::{CaptureConfig, WatchdogConfig};
+pub use heartbeat::Heartbeat;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Records kept ready for stalls (more concurrent stalls than this are counted, not detailed).
+const POOL: usize = 4;
+
+/// State shared between the handle and the watchdog thread.
+pub(crate) struct Shared {
+    pub(crate) stop: AtomicBool,
+    next_id: AtomicU64,
+    hiccups: parking_lot::Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Shared {
+    pub(crate) fn next_stall_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Records how late a tick woke (µs). `try_lock`: the reader holds the lock only to copy
+    /// percentiles; if it is held, this one sample is skipped rather than waited for.
+    pub(crate) fn record_hiccup(&self, late_ns: u64) {
+        if let Some(mut h) = self.hiccups.try_lock() {
+            h.saturating_record((late_ns / 1000).max(1));
+        }
+    }
+}
+
+/// Percentiles of how late the watchdog woke, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HiccupStats {
+    /// Samples (ticks).
+    pub count: u64,
+    /// Median lateness.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Worst.
+    pub max_us: u64,
+}
+
+/// The running watchdog. Dropping it stops the thread and reports open stalls.
+pub struct Watchdog {
+    shared: Arc<Shared>,
+    detector: Option<JoinHandle<()>>,
+    reporter: Option<JoinHandle<()>>,
+    cfg: WatchdogConfig,
+}
+
+impl Watchdog {
+    /// Starts the watchdog thread (`freezetrap-watchdog`) and its report thread. A helper that
+    /// fails validation is refused with the reason; the watchdog then runs without captures
+    /// (said on stderr by [`Watchdog::start_logged`]).
+    pub fn start(
+        cfg: WatchdogConfig,
+        writer: Arc<alloc_guard::ReportWriter>,
+    ) -> std::io::Result<Watchdog> {
+        let trigger = match &cfg.capture {
+            Some(c) => Some(trigger::Trigger::new(c.clone()).map_err(|why| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "FREEZETRAP_CAPTURE={} is refused: {why}",
+                        c.helper.display()
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        Self::start_with(cfg, writer, trigger)
+    }
+
+    /// Like [`Watchdog::start`], but a refused helper prints one line and the watchdog runs
+    /// without captures; an error only if the threads cannot start (also printed).
+    pub fn start_logged(
+        mut cfg: WatchdogConfig,
+        writer: Arc<alloc_guard::ReportWriter>,
+    ) -> Option<Watchdog> {
+        let trigger = match &cfg.capture {
+            Some(c) => match trigger::Trigger::new(c.clone()) {
+                Ok(t) => Some(t),
+                Err(why) => {
+                    eprintln!("freezetrap: FREEZETRAP_CAPTURE={} is refused: {why}; stalls are still detected and reported, without captures", c.helper.display());
+                    cfg.capture = None;
+                    None
+                }
+            },
+            None => None,
+        };
+        match Self::start_with(cfg, writer, trigger) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!(
+                    "freezetrap: cannot start the watchdog ({e}): stalls will not be detected"
+                );
+                None
+            }
+        }
+    }
+
+    fn start_with(
+        cfg: WatchdogConfig,
+        writer: Arc<alloc_guard::ReportWriter>,
+        trigger: Option<trigger::Trigger>,
+    ) -> std::io::Result<Watchdog> {
+        let hist = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+            .map_err(|e| std::io::Error::other(format!("histogram: {e}")))?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            hiccups: parking_lot::Mutex::new(hist),
+        });
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
+        for _ in 0..POOL {
+            let _ = pool_tx.try_send(stall::StallRecord::new_boxed());
+        }
+        let (out_tx, out_rx) = crossbeam_channel::bounded(POOL * 4);
+        let helper = cfg.capture.as_ref().map(|c| {
+            (
+                c.helper.display().to_string(),
+                c.out_dir.clone(),
+                c.max_bytes,
+            )
+        });
+        let reporter = std::thread::Builder::new()
+            .name("freezetrap-stallrep".into())
+            .spawn(move || report::run(out_rx, pool_tx, writer, helper))?;
+        let det = detector::Detector {
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            trigger,
+            pool: pool_rx,
+            out: out_tx,
+        };
+        let detector = std::thread::Builder::new()
+            .name("freezetrap-watchdog".into())
+            .spawn(move || det.run())?;
+        Ok(Watchdog {
+            shared,
+            detector: Some(detector),
+            reporter: Some(reporter),
+            cfg,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &WatchdogConfig {
+        &self.cfg
+    }
+
+    /// Percentiles of the watchdog's wake-up lateness so far.
+    pub fn hiccups(&self) -> HiccupStats {
+        let h = self.shared.hiccups.lock();
+        HiccupStats {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            max_us: h.max(),
+        }
+    }
+
+    /// The watchdog thread's kernel id (for measuring its CPU use).
+    pub fn thread(&self) -> Option<&std::thread::Thread> {
+        self.detector.as_ref().map(|d| d.thread())
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(d) = self.detector.take() {
+            let _ = d.join(); // drops the sender: the report thread drains and exits
+        }
+        if let Some(r) = self.reporter.take() {
+            let _ = r.join();
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The kernel's view of every thread, read from `/proc/self/task/*/{stat,wchan,stack}` into
+//! preallocated buffers with raw syscalls: no allocation and no `/proc/self/maps` (which can
+//! block on the very `mmap_lock` a freeze is stuck on; these files do not take it).
+
+use serde::Serialize;
+
+/// Threads recorded per snapshot; more are counted in [`ProcSnapshot::omitted`].
+pub const MAX_THREADS: usize = 64;
+const STACK_BYTES: usize = 1536;
+const WCHAN_BYTES: usize = 64;
+
+/// One thread as the kernel sees it.
+#[derive(Clone, Copy)]
+pub struct ThreadView {
+    /// Kernel thread id.
+    pub tid: u64,
+    name: [u8; 16],
+    /// State letter from `stat` (`R`, `S`, `D`, `T`, ...).
+    pub state: u8,
+    wchan: [u8; WCHAN_BYTES],
+    wchan_len: usize,
+    stack: [u8; STACK_BYTES],
+    stack_len: usize,
+}
+
+impl ThreadView {
+    const EMPTY: ThreadView = ThreadView {
+        tid: 0,
+        name: [0; 16],
+        state: b'?',
+        wchan: [0; WCHAN_BYTES],
+        wchan_len: 0,
+        stack: [0; STACK_BYTES],
+        stack_len: 0,
+    };
+
+    /// Thread name (`comm`).
+    pub fn name(&self) -> &str {
+        alloc_guard::sys::name_str(&self.name)
+    }
+    /// Kernel function the thread sleeps in, or "" (`0` is shown as "").
+    pub fn wchan(&self) -> &str {
+        let s = core::str::from_utf8(&self.wchan[..self.wchan_len]).unwrap_or("");
+        if s == "0" {
+            ""
+        } else {
+            s
+        }
+    }
+    /// Kernel stack function names, innermost first (empty unless root).
+    pub fn kernel_stack(&self) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.stack[..self.stack_len]);
+        text.lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|f| f.split('+').next().unwrap_or(f).to_string())
+            .collect()
+    }
+}
+
+/// A snapshot of all threads, reusable across stalls.
+pub struct ProcSnapshot {
+    threads: [ThreadView; MAX_THREADS],
+    len: usize,
+    /// Threads that did not fit.
+    pub omitted: usize,
+    /// `CLOCK_MONOTONIC` ns when taken.
+    pub taken_ns: u64,
+}
+
+/// The JSON form of one thread (contract: `threads[]`).
+#[derive(Serialize)]
+pub struct ThreadJson {
+    /// Kernel thread id.
+    pub tid: u64,
+    /// Name.
+    pub name: String,
+    /// State letter.
+    pub state: String,
+    /// wchan.
+    pub wchan: String,
+    /// Kernel stack (root only).
+    pub kernel_stack: Vec<String>,
+}
+
+impl ProcSnapshot {
+    /// An empty snapshot on the heap (make it before any stall).
+    pub fn new_boxed() -> Box<ProcSnapshot> {
+        Box::new(ProcSnapshot {
+            threads: [ThreadView::EMPTY; MAX_THREADS],
+            len: 0,
+            omitted: 0,
+            taken_ns: 0,
+        })
+    }
+
+    /// The recorded threads.
+    pub fn threads(&self) -> &[ThreadView] {
+        &self.threads[..self.len]
+    }
+
+    /// JSON rows for the report (allocates: call after the stall).
+    pub fn to_json(&self) -> Vec<ThreadJson> {
+        self.threads()
+            .iter()
+            .map(|t| ThreadJson {
+                tid: t.tid,
+                name: t.name().to_string(),
+                state: (t.state as char).to_string(),
+                wchan: t.wchan().to_string(),
+                kernel_stack: t.kernel_stack(),
+            })
+            .collect()
+    }
+
+    /// Fills the snapshot from `/proc/self/task`. Never allocates.
+    pub fn take(&mut self) {
+        self.len = 0;
+        self.omitted = 0;
+        self.taken_ns = alloc_guard::sys::monotonic_ns();
+        // SAFETY: a NUL-terminated literal path; the fd is closed below.
+        let dir = unsafe {
+            libc::open(
+                c"/proc/self/task".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if dir < 0 {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: `buf` is writable for its length; getdents64 writes whole records only.
+            let n =
+                unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            let mut off = 0usize;
+            while off + 19 < n as usize {
+                // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name[]
+                let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+                if reclen == 0 {
+                    break;
+                }
+                let name = &buf[off + 19..(off + reclen).min(n as usize)];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                if let Some(tid) = parse_u64(name) {
+                    self.add(tid);
+                }
+                off += reclen;
+            }
+        }
+        // SAFETY: `dir` is an fd we opened.
+        unsafe { libc::close(dir) };
+    }
+
+    fn add(&mut self, tid: u64) {
+        if self.len == MAX_THREADS {
+            self.omitted += 1;
+            return;
+        }
+        let t = &mut self.threads[self.len];
+        *t = ThreadView {
+            tid,
+            ..ThreadView::EMPTY
+        };
+        let mut stat = [0u8; 512];
+        let n = read_task_file(tid, b"stat", &mut stat);
+        // "TID (comm) S ...": comm may contain spaces or parens, so take the last ')'.
+        if let Some(close) = stat[..n].iter().rposition(|&b| b == b')') {
+            let open = stat[..n].iter().position(|&b| b == b'(').unwrap_or(0);
+            let comm = &stat[open + 1..close];
+            let k = comm.len().min(15);
+            t.name[..k].copy_from_slice(&comm[..k]);
+            t.state = stat.get(close + 2).copied().unwrap_or(b'?');
+        }
+        t.wchan_len = read_task_file(tid, b"wchan", &mut t.wchan);
+        t.stack_len = read_task_file(tid, b"stack", &mut t.stack);
+        self.len += 1;
+    }
+}
+
+fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    s.iter().try_fold(0u64, |a, &d| {
+        a.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// Reads `/proc/self/task/<tid>/<file>` into `out`; returns the bytes read (0 on any error,
+/// e.g. `stack` without root, or a thread that just exited).
+fn read_task_file(tid: u64, file: &[u8], out: &mut [u8]) -> usize {
+    let mut path = [0u8; 64];
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| {
+        let k = bytes.len().min(path.len() - 1 - len);
+        path[len..len + k].copy_from_slice(&bytes[..k]);
+        len += k;
+    };
+    push(b"/proc/self/task/");
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = tid;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    push(&digits[i..]);
+    push(b"/");
+    push(file);
+    // `path` is zero-initialised and at most 63 bytes are written, so it is NUL-terminated.
+    // SAFETY: `path` is a NUL-terminated string in a live buffer.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return 0;
+    }
+    let mut total = 0;
+    while total < out.len() {
+        // SAFETY: writes at most `out.len() - total` bytes into `out[total..]`.
+        let n = unsafe { libc::read(fd, out[total..].as_mut_ptr().cast(), out.len() - total) };
+        if n <= 0 {
+            break;
+        }
+        total += n as usize;
+    }
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    // Drop a trailing newline.
+    while total > 0 && out[total - 1] == b'\n' {
+        total -= 1;
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_this_thread_with_its_name() {
+        let h = std::thread::Builder::new()
+            .name("procview-test".into())
+            .spawn(|| {
+                let mut snap = ProcSnapshot::new_boxed();
+                snap.take();
+                let me = alloc_guard::sys::current_tid();
+                let t = snap
+                    .threads()
+                    .iter()
+                    .find(|t| t.tid == me)
+                    .copied()
+                    .expect("own thread listed");
+                (t.name().to_string(), t.state)
+            })
+            .unwrap();
+        let (name, state) = h.join().unwrap();
+        assert_eq!(name, "procview-test");
+        assert_eq!(state, b'R');
+    }
+
+    #[test]
+    fn a_sleeping_thread_shows_its_wait() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::Builder::new()
+            .name("sleeper".into())
+            .spawn(move || rx.recv().ok())
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut snap = ProcSnapshot::new_boxed();
+        snap.take();
+        let t = snap
+            .threads()
+            .iter()
+            .find(|t| t.name() == "sleeper")
+            .expect("sleeper listed");
+        assert_eq!(t.state, b'S');
+        if unsafe { libc::geteuid() } == 0 {
+            let st = t.kernel_stack();
+            assert!(st.iter().any(|f| f.contains("futex")), "{st:?}");
+        }
+        tx.send(()).unwrap();
+        h.join().unwrap();
+    }
+}

@@ -1,0 +1,223 @@
+//! The stall report thread: symbolizes suspects, adds jemalloc statistics, writes the human
+//! summary to stderr and the `stall` JSON line, then hands the record back to the pool.
+
+use crate::detector::Msg;
+use crate::stall::{Scope, StallRecord};
+use crate::suspects::rank;
+use crate::trigger::{enforce_byte_cap, CaptureStatus};
+use alloc_guard::config::{HumanBytes, HumanNanos};
+use alloc_guard::symbolize::{first_user_frame, Frame, Symbolizer};
+use alloc_guard::ReportWriter;
+use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(Serialize)]
+struct SuspectJson {
+    seq: u64,
+    size: u64,
+    old_size: u64,
+    kind: &'static str,
+    thread_id: u64,
+    thread_name: String,
+    delta_ns: i64,
+    in_flight: bool,
+    frames: Vec<Frame>,
+}
+
+#[derive(Serialize, Default)]
+struct JemallocJson {
+    allocated: u64,
+    active: u64,
+    resident: u64,
+    mapped: u64,
+    retained: u64,
+}
+
+#[derive(Serialize)]
+struct CaptureJson {
+    helper: Option<String>,
+    dir: Option<String>,
+    status: String,
+}
+
+#[derive(Serialize)]
+struct StallJson {
+    event: &'static str,
+    id: u64,
+    scope: &'static str,
+    thread_id: u64,
+    thread_name: String,
+    start_ns: u64,
+    detected_ns: u64,
+    duration_ns: u64,
+    suspects: Vec<SuspectJson>,
+    threads: Vec<crate::procview::ThreadJson>,
+    threads_omitted: usize,
+    jemalloc: JemallocJson,
+    capture: CaptureJson,
+}
+
+fn jemalloc_stats() -> JemallocJson {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    // Advancing the epoch touches most jemalloc locks: only here, after the stall.
+    if epoch::advance().is_err() {
+        return JemallocJson::default();
+    }
+    JemallocJson {
+        allocated: stats::allocated::read().unwrap_or(0) as u64,
+        active: stats::active::read().unwrap_or(0) as u64,
+        resident: stats::resident::read().unwrap_or(0) as u64,
+        mapped: stats::mapped::read().unwrap_or(0) as u64,
+        retained: stats::retained::read().unwrap_or(0) as u64,
+    }
+}
+
+/// Formats "3 ms before" / "12 ms after the stall began".
+fn when(delta_ns: i64) -> String {
+    if delta_ns >= 0 {
+        format!("{} before", HumanNanos(delta_ns as u64))
+    } else {
+        format!(
+            "{} after the stall began",
+            HumanNanos(delta_ns.unsigned_abs())
+        )
+    }
+}
+
+/// Builds the one-paragraph human summary.
+fn summary(rec: &StallRecord, top: Option<&SuspectJson>, capture: &CaptureJson) -> String {
+    let who = match rec.scope {
+        Scope::Process => "the whole process".to_string(),
+        Scope::Thread => format!("thread '{}' (tid {})", rec.name(), rec.thread_id),
+    };
+    let mut s = format!("freezetrap: {who} stalled {}", HumanNanos(rec.duration_ns));
+    match top {
+        Some(t) => {
+            let what = if t.old_size > 0 {
+                format!(
+                    "{} {} (from {})",
+                    HumanBytes(t.size),
+                    t.kind,
+                    HumanBytes(t.old_size)
+                )
+            } else {
+                format!("{} {}", HumanBytes(t.size), t.kind)
+            };
+            let whose = if rec.scope == Scope::Thread && t.thread_id == rec.thread_id {
+                "on the same thread".to_string()
+            } else {
+                format!("on thread '{}'", t.thread_name)
+            };
+            let state = if t.in_flight {
+                " (still in the allocator)"
+            } else {
+                ""
+            };
+            let at = first_user_frame(&t.frames)
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| "<unknown caller>".into());
+            s.push_str(&format!(
+                "; suspect: {what}{state} {whose} {}, at {at}",
+                when(t.delta_ns)
+            ));
+        }
+        None => s.push_str("; no large allocation before it"),
+    }
+    match (&capture.dir, capture.status.as_str()) {
+        (Some(dir), st) if st == "running" || st == "exited 0" => {
+            s.push_str(&format!("; capture: {dir}/offcpu.svg"))
+        }
+        (_, "not configured") => {}
+        (_, st) => s.push_str(&format!("; capture {st}")),
+    }
+    s
+}
+
+pub(crate) fn run(
+    rx: Receiver<Msg>,
+    pool: Sender<Box<StallRecord>>,
+    writer: Arc<ReportWriter>,
+    helper: Option<(String, std::path::PathBuf, u64)>,
+) {
+    alloc_guard::mark_current_thread_internal();
+    let mut sym = Symbolizer::new();
+    for msg in rx {
+        match msg {
+            Msg::Stall(rec) => {
+                let ranked = rank(
+                    rec.thread_id,
+                    rec.start_ns,
+                    &rec.in_flight[..rec.in_flight_len],
+                    &rec.recent[..rec.recent_len],
+                );
+                let suspects: Vec<SuspectJson> = ranked
+                    .iter()
+                    .map(|c| SuspectJson {
+                        seq: c.event.seq,
+                        size: c.event.size,
+                        old_size: c.event.old_size,
+                        kind: c.event.kind.as_str(),
+                        thread_id: c.event.thread_id,
+                        thread_name: c.event.thread_name().to_string(),
+                        delta_ns: c.delta_ns,
+                        in_flight: c.in_flight,
+                        frames: sym.resolve(c.event.frames()),
+                    })
+                    .collect();
+                let capture = CaptureJson {
+                    helper: helper.as_ref().map(|h| h.0.clone()),
+                    dir: (!rec.capture_dir.is_empty()).then(|| rec.capture_dir.clone()),
+                    status: rec.capture.describe(),
+                };
+                eprintln!("{}", summary(&rec, suspects.first(), &capture));
+                writer.write_json(&StallJson {
+                    event: "stall",
+                    id: rec.id,
+                    scope: match rec.scope {
+                        Scope::Process => "process",
+                        Scope::Thread => "thread",
+                    },
+                    thread_id: rec.thread_id,
+                    thread_name: rec.name().to_string(),
+                    start_ns: rec.start_ns,
+                    detected_ns: rec.detected_ns,
+                    duration_ns: rec.duration_ns,
+                    suspects,
+                    threads: rec.procs.to_json(),
+                    threads_omitted: rec.procs.omitted,
+                    jemalloc: jemalloc_stats(),
+                    capture,
+                });
+                let _ = pool.try_send(rec);
+            }
+            Msg::CaptureDone {
+                stall_id,
+                status,
+                dir,
+            } => {
+                let st = status.describe();
+                if status != CaptureStatus::Exited(0) {
+                    eprintln!(
+                        "freezetrap: capture for stall {stall_id} {st} (see {dir}/helper.log)"
+                    );
+                } else {
+                    eprintln!("freezetrap: capture for stall {stall_id} done: {dir}");
+                }
+                writer.write_json(&serde_json::json!({"event": "capture", "stall_id": stall_id, "dir": dir, "status": st}));
+                if let Some((_, out_dir, max)) = &helper {
+                    if let Err(e) = enforce_byte_cap(out_dir, *max) {
+                        eprintln!(
+                            "freezetrap: cannot enforce FREEZETRAP_CAPTURE_MAX_BYTES in {} ({e})",
+                            out_dir.display()
+                        );
+                    }
+                }
+            }
+            Msg::Dropped { stall_id } => {
+                eprintln!("freezetrap: stall {stall_id} detected but not recorded: the report thread is behind (counted)");
+                writer.write_json(&serde_json::json!({"event": "stall_dropped", "id": stall_id}));
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The record of one stall: filled on the watchdog thread without allocating (it comes from a
+//! preallocated pool), turned into report lines on the report thread.
+
+use crate::procview::ProcSnapshot;
+use crate::trigger::CaptureStatus;
+use alloc_guard::RawEvent;
+
+/// In-flight allocations kept per stall.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Recent large allocations kept per stall.
+pub const MAX_RECENT: usize = 32;
+
+/// Whole-process or one thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The watchdog itself woke late: everything was frozen.
+    Process,
+    /// A heartbeat stopped moving.
+    Thread,
+}
+
+/// Everything known about a stall. Preallocated; reused.
+pub struct StallRecord {
+    /// Stall id (also in the USDT probes).
+    pub id: u64,
+    /// Scope.
+    pub scope: Scope,
+    /// Stalled thread (0 for a process stall).
+    pub thread_id: u64,
+    /// Heartbeat (or thread) name.
+    pub thread_name: [u8; 32],
+    /// `CLOCK_MONOTONIC` ns of the last progress seen.
+    pub start_ns: u64,
+    /// When the watchdog noticed.
+    pub detected_ns: u64,
+    /// Length of the stall (set at its end).
+    pub duration_ns: u64,
+    /// Allocations in flight at detection.
+    pub in_flight: [RawEvent; MAX_IN_FLIGHT],
+    /// How many of `in_flight` are valid.
+    pub in_flight_len: usize,
+    /// Large allocations in the look-back window.
+    pub recent: [RawEvent; MAX_RECENT],
+    /// How many of `recent` are valid.
+    pub recent_len: usize,
+    /// Every thread's kernel view at detection.
+    pub procs: Box<ProcSnapshot>,
+    /// What happened to the capture request.
+    pub capture: CaptureStatus,
+    /// The capture directory, when a helper was started (filled after the stall ends).
+    pub capture_dir: String,
+}
+
+impl StallRecord {
+    /// A blank record (allocates its snapshot buffer: create before any stall).
+    pub fn new_boxed() -> Box<StallRecord> {
+        Box::new(StallRecord {
+            id: 0,
+            scope: Scope::Thread,
+            thread_id: 0,
+            thread_name: [0; 32],
+            start_ns: 0,
+            detected_ns: 0,
+            duration_ns: 0,
+            in_flight: [RawEvent::EMPTY; MAX_IN_FLIGHT],
+            in_flight_len: 0,
+            recent: [RawEvent::EMPTY; MAX_RECENT],
+            recent_len: 0,
+            procs: ProcSnapshot::new_boxed(),
+            capture: CaptureStatus::NotConfigured,
+            capture_dir: String::new(),
+        })
+    }
+
+    /// The name as text.
+    pub fn name(&self) -> &str {
+        let end = self.thread_name.iter().position(|&b| b == 0).unwrap_or(32);
+        core::str::from_utf8(&self.thread_name[..end]).unwrap_or("?")
+    }
+
+    /// Collects suspects and the kernel view, at detection. No allocation.
+    pub(crate) fn collect(&mut self, lookback_ns: u64) {
+        self.in_flight_len = alloc_guard::inflight::in_flight(&mut self.in_flight);
+        let from = self.start_ns.saturating_sub(lookback_ns);
+        self.recent_len = alloc_guard::RING.events_between(from, u64::MAX, &mut self.recent);
+        self.procs.take();
+    }
+}
