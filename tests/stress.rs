@@ -23,10 +23,11 @@ fn every_oversized_allocation_is_reported_or_counted_as_dropped() {
 
     // The consumer: a cursor, like the reporter's, counting what it read and what it lost.
     let d2 = done.clone();
+    // Made here, before any worker exists, so it starts exactly at `start_seq`.
+    let mut cursor = Cursor::new(&RING, false);
+    assert_eq!(cursor.position(), start_seq);
     let consumer = std::thread::spawn(move || {
         alloc_guard::mark_current_thread_internal();
-        let mut cursor = Cursor::new(&RING, false);
-        assert_eq!(cursor.position(), start_seq);
         let mut oversized_read = 0u64;
         loop {
             let finished = d2.load(Ordering::Acquire);

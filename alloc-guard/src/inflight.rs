@@ -91,6 +91,15 @@ impl Drop for InFlightMark {
     }
 }
 
+/// Reads every slot once so its pages are mapped (see [`crate::ring::Ring::touch_all`]).
+pub fn touch_all() {
+    for slot in TABLE.iter() {
+        // Relaxed: the values are not used.
+        core::hint::black_box(slot.state.load(Ordering::Relaxed));
+        core::hint::black_box(slot.words[WORDS - 1].load(Ordering::Relaxed));
+    }
+}
+
 /// Copies the allocations in flight right now into `out` and returns how many. `seq` of each is
 /// 0 (sequence numbers are assigned on completion) and `duration_ns` is 0; the caller computes
 /// "in flight for" from `ts_ns`. Never allocates: meant for the watchdog during a stall.

@@ -311,6 +311,18 @@ impl Ring {
         Lookup::Found(decode(&w))
     }
 
+    /// Reads one word of every slot and tombstone, so every page of the ring is mapped. The
+    /// watchdog calls this at start: a reader that touches a never-mapped page takes a page
+    /// fault, which waits for the mmap_lock while another thread forks.
+    pub fn touch_all(&self) {
+        for (slot, tomb) in self.slots.iter().zip(self.skipped.iter()) {
+            // Relaxed: the values are not used.
+            core::hint::black_box(slot.stamp.load(Ordering::Relaxed));
+            core::hint::black_box(slot.words[WORDS - 1].load(Ordering::Relaxed));
+            core::hint::black_box(tomb.load(Ordering::Relaxed));
+        }
+    }
+
     /// Copies the complete events whose start (`ts_ns`) lies in `[t0_ns, t1_ns]` into `out`,
     /// newest first, and returns how many were written. Looks at the last `CAPACITY` sequence
     /// numbers only. Never allocates: meant for the watchdog during a stall.

@@ -119,3 +119,38 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Writes an executable shell-script helper (mode 0700) into `dir` and returns its path. The
+/// watchdog runs it directly (the kernel reads the `#!` line; no shell is involved on our side).
+pub fn write_helper(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+    p
+}
+
+/// Wall-clock nanoseconds (what `date +%s%N` prints in a helper script).
+pub fn realtime_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The JSON lines of a report file.
+pub fn report_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// The `stall` events of a report file.
+pub fn stalls(path: &std::path::Path) -> Vec<serde_json::Value> {
+    report_lines(path)
+        .into_iter()
+        .filter(|j| j["event"] == "stall")
+        .collect()
+}

@@ -38,7 +38,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "FREEZETRAP_CAPTURE_DURATION",
         value: "duration",
         default: "10s",
-        effect: "the helper's `--duration`; it is killed 5 s after that",
+        effect: "the helper's `--duration`; it is killed 2 s after that",
     },
     EnvVar {
         name: "FREEZETRAP_CAPTURE_COOLDOWN",

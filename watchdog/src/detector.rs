@@ -8,9 +8,10 @@
 //! do not take the lock), and never takes a lock another thread could hold while allocating.
 //! Its stack is pre-faulted at start, so it does not page-fault into the lock either.
 
+use crate::forksafe::{run_on_protected_stack, ForkSafeBox};
 use crate::heartbeat::{slot_name, ACTIVE, MAX_HEARTBEATS, SLOTS};
 use crate::stall::{Scope, StallRecord};
-use crate::trigger::{CaptureStatus, Trigger};
+use crate::trigger::{CaptureStatus, Trigger, TriggerEvent};
 use crate::{Shared, WatchdogConfig};
 use alloc_guard::sys::monotonic_ns;
 use crossbeam_channel::{Receiver, Sender};
@@ -20,12 +21,13 @@ use std::sync::Arc;
 /// Messages from the watchdog thread to the report thread.
 pub(crate) enum Msg {
     /// A stall ended; report it and send the record back to the pool.
-    Stall(Box<StallRecord>),
+    Stall(ForkSafeBox<StallRecord>),
     /// A helper finished after its stall was reported.
     CaptureDone {
         stall_id: u64,
         status: CaptureStatus,
         dir: String,
+        spawned_ns: u64,
     },
     /// A stall was detected but no record was free (the report thread is behind).
     Dropped { stall_id: u64 },
@@ -40,12 +42,25 @@ struct Watched {
     stall: Option<u64>,
 }
 
+/// What the loop mutates, in one fork-proof block.
+struct LoopState {
+    watched: [Watched; MAX_HEARTBEATS],
+    open: [Option<ForkSafeBox<StallRecord>>; MAX_HEARTBEATS],
+    pool: [Option<ForkSafeBox<StallRecord>>; crate::POOL],
+    trigger: Option<Trigger>,
+    next_id: u64,
+}
+
 pub(crate) struct Detector {
     pub(crate) cfg: WatchdogConfig,
     pub(crate) shared: Arc<Shared>,
     pub(crate) trigger: Option<Trigger>,
-    pub(crate) pool: Receiver<Box<StallRecord>>,
+    /// Blank records; moved onto the fork-proof stack when the loop starts.
+    pub(crate) pool: Vec<ForkSafeBox<StallRecord>>,
+    /// Records coming back from the report thread.
+    pub(crate) returned: Receiver<ForkSafeBox<StallRecord>>,
     pub(crate) out: Sender<Msg>,
+    pub(crate) next_id: u64,
 }
 
 #[inline(never)]
@@ -60,46 +75,86 @@ fn prefault_stack() {
     std::hint::black_box(&buf);
 }
 
-fn sleep_until(deadline_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (deadline_ns / 1_000_000_000) as _,
-        tv_nsec: (deadline_ns % 1_000_000_000) as _,
-    };
-    // SAFETY: valid timespec; EINTR just ends the sleep early, which the caller tolerates.
-    unsafe {
-        libc::clock_nanosleep(
-            libc::CLOCK_MONOTONIC,
-            libc::TIMER_ABSTIME,
-            &ts,
-            std::ptr::null_mut(),
-        )
-    };
-}
-
 impl Detector {
-    pub(crate) fn run(mut self) {
+    /// Thread entry: moves to a fork-proof stack region, then runs the loop there.
+    pub(crate) fn start(self) {
         alloc_guard::mark_current_thread_internal();
+        let ((), marked) = run_on_protected_stack(move || self.run());
+        if let Err(e) = marked {
+            eprintln!("freezetrap: the watchdog's stack could not be protected from fork ({e}): a fork elsewhere may delay stall detection");
+        }
+    }
+
+    fn run(mut self) {
         prefault_stack();
+        // Everything the loop writes lives in fork-proof memory: this state block, the records,
+        // and this thread's (marked) stack. Pages it only reads are mapped now.
+        alloc_guard::RING.touch_all();
+        alloc_guard::inflight::touch_all();
+        crate::forksafe::populate_code();
+        let mut st = match ForkSafeBox::new_with(|p: *mut LoopState| {
+            // SAFETY: zeroed memory; every field whose zero pattern is not valid is written.
+            unsafe {
+                p.write(LoopState {
+                    watched: [Watched::default(); MAX_HEARTBEATS],
+                    open: [const { None }; MAX_HEARTBEATS],
+                    pool: [const { None }; crate::POOL],
+                    trigger: None,
+                    next_id: 1,
+                })
+            }
+        }) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("freezetrap: the watchdog cannot map its state ({e}): stalls will not be detected");
+                return;
+            }
+        };
+        for (slot, rec) in st.pool.iter_mut().zip(self.pool.drain(..)) {
+            *slot = Some(rec);
+        }
+        st.trigger = self.trigger.take();
+        // A dry run of the collection path, so its code and data pages are mapped before the
+        // first real stall.
+        if let Some(rec) = st.pool.iter_mut().flatten().next() {
+            rec.collect(self.cfg.lookback.as_nanos() as u64);
+        }
+        st.next_id = self.next_id;
+        let LoopState {
+            watched,
+            open,
+            pool,
+            trigger,
+            next_id,
+        } = &mut *st;
         let tick = self.cfg.tick.as_nanos() as u64;
         let threshold = self.cfg.threshold.as_nanos() as u64;
         let lookback = self.cfg.lookback.as_nanos() as u64;
-        let mut watched = [Watched::default(); MAX_HEARTBEATS];
-        let mut open: [Option<Box<StallRecord>>; MAX_HEARTBEATS] = [const { None }; MAX_HEARTBEATS];
         let mut deadline = monotonic_ns() + tick;
         while !self.shared.stop.load(Ordering::Acquire) {
-            sleep_until(deadline);
+            crate::rawsys::sleep_until(deadline);
             let now = monotonic_ns();
             let late = now.saturating_sub(deadline);
-            self.shared.record_hiccup(late);
+            self.shared.samples.push(late);
+            // Take back records the report thread is done with, but not while a stall is open
+            // (receiving writes the channel's heap memory, which a concurrent fork could freeze).
+            if open.iter().all(Option::is_none) {
+                while let Ok(rec) = self.returned.try_recv() {
+                    if let Some(slot) = pool.iter_mut().find(|s| s.is_none()) {
+                        *slot = Some(rec);
+                    }
+                }
+            }
 
             if late >= threshold {
                 // Everything, this thread included, was frozen: a process stall, seen after it
                 // ended. Heartbeats did not move for the same reason: restart their clocks.
-                let id = self.shared.next_stall_id();
+                let id = *next_id;
+                *next_id += 1;
                 probes::stall_begin(id, 0, late);
                 probes::stall_end(id, late);
-                match self.pool.try_recv() {
-                    Ok(mut rec) => {
+                match pool.iter_mut().find_map(Option::take) {
+                    Some(mut rec) => {
                         rec.id = id;
                         rec.scope = Scope::Process;
                         rec.thread_id = 0;
@@ -108,10 +163,11 @@ impl Detector {
                         rec.detected_ns = now;
                         rec.duration_ns = late;
                         rec.capture = CaptureStatus::NotConfigured;
+                        rec.capture_spawned_ns = 0;
                         rec.collect(lookback);
                         let _ = self.out.try_send(Msg::Stall(rec));
                     }
-                    Err(_) => {
+                    None => {
                         let _ = self.out.try_send(Msg::Dropped { stall_id: id });
                     }
                 }
@@ -127,7 +183,7 @@ impl Detector {
                 let generation = slot.generation.load(Ordering::Relaxed);
                 if state == crate::heartbeat::FREE || generation != w.generation {
                     if let Some(rec) = open[i].take() {
-                        self.end_stall(rec, now); // unregistered while stalled
+                        end_stall(&self.out, trigger.as_ref(), rec, now); // unregistered while stalled
                     }
                     *w = Watched {
                         generation,
@@ -143,23 +199,24 @@ impl Detector {
                     w.last_progress_ns = now;
                     if let Some(mut rec) = open[i].take() {
                         rec.duration_ns = now.saturating_sub(rec.start_ns);
-                        self.end_stall(rec, now);
+                        end_stall(&self.out, trigger.as_ref(), rec, now);
                     }
                     w.stall = None;
                     continue;
                 }
                 let age = now.saturating_sub(w.last_progress_ns);
                 if w.stall.is_none() && age >= threshold {
-                    let id = self.shared.next_stall_id();
+                    let id = *next_id;
+                    *next_id += 1;
                     let tid = slot.tid.load(Ordering::Relaxed);
                     probes::stall_begin(id, tid, age);
                     w.stall = Some(id);
-                    let capture = match self.trigger.as_mut() {
+                    let capture = match trigger.as_mut() {
                         Some(t) => t.fire(id, tid, now),
                         None => CaptureStatus::NotConfigured,
                     };
-                    match self.pool.try_recv() {
-                        Ok(mut rec) => {
+                    match pool.iter_mut().find_map(Option::take) {
+                        Some(mut rec) => {
                             rec.id = id;
                             rec.scope = Scope::Thread;
                             rec.thread_id = tid;
@@ -168,29 +225,47 @@ impl Detector {
                             rec.detected_ns = now;
                             rec.duration_ns = 0;
                             rec.capture = capture;
+                            rec.capture_spawned_ns = 0;
                             rec.collect(lookback);
                             open[i] = Some(rec);
                         }
-                        Err(_) => {
+                        None => {
                             let _ = self.out.try_send(Msg::Dropped { stall_id: id });
                         }
                     }
                 }
             }
 
-            if let Some(t) = self.trigger.as_mut() {
-                if let Some((stall_id, status)) = t.poll(now) {
-                    match open.iter_mut().flatten().find(|r| r.id == stall_id) {
-                        Some(rec) => rec.capture = status, // stall still going: goes in its report
-                        None => {
-                            let dir = t.last_dir();
-                            let _ = self.out.try_send(Msg::CaptureDone {
-                                stall_id,
-                                status,
-                                dir,
-                            });
+            if let Some(t) = trigger.as_mut() {
+                match t.poll(now) {
+                    Some(TriggerEvent::Spawned { stall_id, mono_ns }) => {
+                        if let Some(rec) = open.iter_mut().flatten().find(|r| r.id == stall_id) {
+                            rec.capture_spawned_ns = mono_ns;
                         }
                     }
+                    Some(TriggerEvent::Finished {
+                        stall_id,
+                        status,
+                        spawned_ns,
+                    }) => {
+                        match open.iter_mut().flatten().find(|r| r.id == stall_id) {
+                            Some(rec) => {
+                                // The stall is still going: this goes into its report.
+                                rec.capture = status;
+                                rec.capture_spawned_ns = spawned_ns;
+                            }
+                            None => {
+                                let dir = t.last_dir();
+                                let _ = self.out.try_send(Msg::CaptureDone {
+                                    stall_id,
+                                    status,
+                                    dir,
+                                    spawned_ns,
+                                });
+                            }
+                        }
+                    }
+                    None => {}
                 }
             }
 
@@ -202,28 +277,33 @@ impl Detector {
         // Shutting down: report stalls still open as they stand.
         for rec in open.iter_mut().filter_map(Option::take) {
             let now = monotonic_ns();
-            self.end_stall(rec, now);
+            end_stall(&self.out, trigger.as_ref(), rec, now);
         }
     }
+}
 
-    fn end_stall(&mut self, mut rec: Box<StallRecord>, now: u64) {
-        if rec.duration_ns == 0 {
-            rec.duration_ns = now.saturating_sub(rec.start_ns);
-        }
-        probes::stall_end(rec.id, rec.duration_ns);
-        // The stall is over: allocating is allowed again.
-        rec.capture_dir.clear();
-        if !matches!(
-            rec.capture,
-            CaptureStatus::NotConfigured
-                | CaptureStatus::SkippedBusy
-                | CaptureStatus::SkippedCooldown
-                | CaptureStatus::SkippedHourlyCap
-        ) {
-            if let Some(t) = &self.trigger {
-                rec.capture_dir = t.last_dir();
-            }
-        }
-        let _ = self.out.try_send(Msg::Stall(rec));
+fn end_stall(
+    out: &Sender<Msg>,
+    trigger: Option<&Trigger>,
+    mut rec: ForkSafeBox<StallRecord>,
+    now: u64,
+) {
+    if rec.duration_ns == 0 {
+        rec.duration_ns = now.saturating_sub(rec.start_ns);
     }
+    probes::stall_end(rec.id, rec.duration_ns);
+    // The stall is over: allocating is allowed again.
+    rec.capture_dir.clear();
+    if !matches!(
+        rec.capture,
+        CaptureStatus::NotConfigured
+            | CaptureStatus::SkippedBusy
+            | CaptureStatus::SkippedCooldown
+            | CaptureStatus::SkippedHourlyCap
+    ) {
+        if let Some(t) = trigger {
+            rec.capture_dir = t.last_dir();
+        }
+    }
+    let _ = out.try_send(Msg::Stall(rec));
 }

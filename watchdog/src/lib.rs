@@ -34,8 +34,11 @@
 
 pub mod config;
 mod detector;
+pub mod forksafe;
 pub mod heartbeat;
+mod launcher;
 pub mod procview;
+mod rawsys;
 mod report;
 pub mod stall;
 pub mod suspects;
@@ -51,24 +54,47 @@ use std::thread::JoinHandle;
 /// Records kept ready for stalls (more concurrent stalls than this are counted, not detailed).
 const POOL: usize = 4;
 
+/// Lateness samples from the watchdog thread, fed into the histogram by readers.
+///
+/// Single producer (the watchdog), which only stores into fork-proof memory: one Relaxed store
+/// of the sample, then a Release store of `head`. The consumer (under the histogram lock)
+/// Acquire-loads `head`, so the samples before it are visible; if the producer lapped it, the
+/// overwritten samples are skipped.
+pub(crate) struct SampleRing {
+    head: AtomicU64,
+    samples: [AtomicU64; SAMPLES],
+}
+
+const SAMPLES: usize = 4096;
+
+impl SampleRing {
+    pub(crate) fn push(&self, v: u64) {
+        let h = self.head.load(Ordering::Relaxed);
+        self.samples[(h % SAMPLES as u64) as usize].store(v, Ordering::Relaxed);
+        self.head.store(h + 1, Ordering::Release);
+    }
+}
+
 /// State shared between the handle and the watchdog thread.
 pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
-    next_id: AtomicU64,
-    hiccups: parking_lot::Mutex<hdrhistogram::Histogram<u64>>,
+    pub(crate) samples: forksafe::ForkSafeBox<SampleRing>,
+    hiccups: parking_lot::Mutex<(hdrhistogram::Histogram<u64>, u64)>,
 }
 
 impl Shared {
-    pub(crate) fn next_stall_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Records how late a tick woke (µs). `try_lock`: the reader holds the lock only to copy
-    /// percentiles; if it is held, this one sample is skipped rather than waited for.
-    pub(crate) fn record_hiccup(&self, late_ns: u64) {
-        if let Some(mut h) = self.hiccups.try_lock() {
-            h.saturating_record((late_ns / 1000).max(1));
+    /// Moves new lateness samples (ns) into the histogram (µs).
+    fn drain(&self) -> parking_lot::MutexGuard<'_, (hdrhistogram::Histogram<u64>, u64)> {
+        let mut g = self.hiccups.lock();
+        let head = self.samples.head.load(Ordering::Acquire);
+        let mut tail = g.1.max(head.saturating_sub(SAMPLES as u64));
+        while tail < head {
+            let v = self.samples.samples[(tail % SAMPLES as u64) as usize].load(Ordering::Relaxed);
+            g.0.saturating_record((v / 1000).max(1));
+            tail += 1;
         }
+        g.1 = tail;
+        g
     }
 }
 
@@ -151,15 +177,18 @@ impl Watchdog {
     ) -> std::io::Result<Watchdog> {
         let hist = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
             .map_err(|e| std::io::Error::other(format!("histogram: {e}")))?;
+        // Zeroed memory is a valid SampleRing (atomics of 0): nothing to initialise.
+        let samples = forksafe::ForkSafeBox::new_with(|_p: *mut SampleRing| {})?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
-            hiccups: parking_lot::Mutex::new(hist),
+            samples,
+            hiccups: parking_lot::Mutex::new((hist, 0)),
         });
-        let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
+        let mut pool = Vec::with_capacity(POOL);
         for _ in 0..POOL {
-            let _ = pool_tx.try_send(stall::StallRecord::new_boxed());
+            pool.push(stall::StallRecord::new_fork_safe()?);
         }
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
         let (out_tx, out_rx) = crossbeam_channel::bounded(POOL * 4);
         let helper = cfg.capture.as_ref().map(|c| {
             (
@@ -175,12 +204,14 @@ impl Watchdog {
             cfg: cfg.clone(),
             shared: shared.clone(),
             trigger,
-            pool: pool_rx,
+            pool,
+            returned: pool_rx,
             out: out_tx,
+            next_id: 1,
         };
         let detector = std::thread::Builder::new()
             .name("freezetrap-watchdog".into())
-            .spawn(move || det.run())?;
+            .spawn(move || det.start())?;
         Ok(Watchdog {
             shared,
             detector: Some(detector),
@@ -196,7 +227,8 @@ impl Watchdog {
 
     /// Percentiles of the watchdog's wake-up lateness so far.
     pub fn hiccups(&self) -> HiccupStats {
-        let h = self.shared.hiccups.lock();
+        let g = self.shared.drain();
+        let h = &g.0;
         HiccupStats {
             count: h.len(),
             p50_us: h.value_at_quantile(0.5),

@@ -2,6 +2,7 @@
 //! preallocated buffers with raw syscalls: no allocation and no `/proc/self/maps` (which can
 //! block on the very `mmap_lock` a freeze is stuck on; these files do not take it).
 
+use crate::rawsys;
 use serde::Serialize;
 
 /// Threads recorded per snapshot; more are counted in [`ProcSnapshot::omitted`].
@@ -65,6 +66,9 @@ pub struct ProcSnapshot {
     pub omitted: usize,
     /// `CLOCK_MONOTONIC` ns when taken.
     pub taken_ns: u64,
+    /// Whether `/proc/self/task/*/stack` can be read (root); checked once by
+    /// [`ProcSnapshot::check_access`], so a failing open never happens during a stall.
+    pub stacks_readable: bool,
 }
 
 /// The JSON form of one thread (contract: `threads[]`).
@@ -85,12 +89,15 @@ pub struct ThreadJson {
 impl ProcSnapshot {
     /// An empty snapshot on the heap (make it before any stall).
     pub fn new_boxed() -> Box<ProcSnapshot> {
-        Box::new(ProcSnapshot {
+        let mut s = Box::new(ProcSnapshot {
             threads: [ThreadView::EMPTY; MAX_THREADS],
             len: 0,
             omitted: 0,
             taken_ns: 0,
-        })
+            stacks_readable: false,
+        });
+        s.check_access();
+        s
     }
 
     /// The recorded threads.
@@ -112,7 +119,18 @@ impl ProcSnapshot {
             .collect()
     }
 
-    /// Fills the snapshot from `/proc/self/task`. Never allocates.
+    /// Decides once whether kernel stacks are readable here (call before any stall).
+    pub fn check_access(&mut self) {
+        let fd = rawsys::open(b"/proc/self/stack\0", libc::O_RDONLY | libc::O_CLOEXEC);
+        self.stacks_readable = fd >= 0 && {
+            let mut b = [0u8; 64];
+            let ok = rawsys::read(fd as libc::c_int, &mut b) > 0;
+            rawsys::close(fd as libc::c_int);
+            ok
+        };
+    }
+
+    /// Fills the snapshot from `/proc/self/task`. Never allocates, never touches errno.
     pub fn take(&mut self) {
         self.len = 0;
         self.omitted = 0;
@@ -129,9 +147,7 @@ impl ProcSnapshot {
         }
         let mut buf = [0u8; 4096];
         loop {
-            // SAFETY: `buf` is writable for its length; getdents64 writes whole records only.
-            let n =
-                unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+            let n = rawsys::getdents64(dir, &mut buf);
             if n <= 0 {
                 break;
             }
@@ -150,8 +166,7 @@ impl ProcSnapshot {
                 off += reclen;
             }
         }
-        // SAFETY: `dir` is an fd we opened.
-        unsafe { libc::close(dir) };
+        rawsys::close(dir);
     }
 
     fn add(&mut self, tid: u64) {
@@ -175,7 +190,9 @@ impl ProcSnapshot {
             t.state = stat.get(close + 2).copied().unwrap_or(b'?');
         }
         t.wchan_len = read_task_file(tid, b"wchan", &mut t.wchan);
-        t.stack_len = read_task_file(tid, b"stack", &mut t.stack);
+        if self.stacks_readable {
+            t.stack_len = read_task_file(tid, b"stack", &mut t.stack);
+        }
         self.len += 1;
     }
 }
@@ -215,22 +232,20 @@ fn read_task_file(tid: u64, file: &[u8], out: &mut [u8]) -> usize {
     push(b"/");
     push(file);
     // `path` is zero-initialised and at most 63 bytes are written, so it is NUL-terminated.
-    // SAFETY: `path` is a NUL-terminated string in a live buffer.
-    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let fd = rawsys::open(&path[..len + 1], libc::O_RDONLY | libc::O_CLOEXEC);
     if fd < 0 {
         return 0;
     }
+    let fd = fd as libc::c_int;
     let mut total = 0;
     while total < out.len() {
-        // SAFETY: writes at most `out.len() - total` bytes into `out[total..]`.
-        let n = unsafe { libc::read(fd, out[total..].as_mut_ptr().cast(), out.len() - total) };
+        let n = rawsys::read(fd, &mut out[total..]);
         if n <= 0 {
             break;
         }
         total += n as usize;
     }
-    // SAFETY: `fd` is ours.
-    unsafe { libc::close(fd) };
+    rawsys::close(fd);
     // Drop a trailing newline.
     while total > 0 && out[total - 1] == b'\n' {
         total -= 1;

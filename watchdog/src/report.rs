@@ -2,6 +2,7 @@
 //! summary to stderr and the `stall` JSON line, then hands the record back to the pool.
 
 use crate::detector::Msg;
+use crate::forksafe::ForkSafeBox;
 use crate::stall::{Scope, StallRecord};
 use crate::suspects::rank;
 use crate::trigger::{enforce_byte_cap, CaptureStatus};
@@ -39,6 +40,8 @@ struct CaptureJson {
     helper: Option<String>,
     dir: Option<String>,
     status: String,
+    /// CLOCK_MONOTONIC ns when posix_spawn returned (the helper had exec'd).
+    spawned_ns: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -136,7 +139,7 @@ fn summary(rec: &StallRecord, top: Option<&SuspectJson>, capture: &CaptureJson) 
 
 pub(crate) fn run(
     rx: Receiver<Msg>,
-    pool: Sender<Box<StallRecord>>,
+    pool: Sender<ForkSafeBox<StallRecord>>,
     writer: Arc<ReportWriter>,
     helper: Option<(String, std::path::PathBuf, u64)>,
 ) {
@@ -169,6 +172,7 @@ pub(crate) fn run(
                     helper: helper.as_ref().map(|h| h.0.clone()),
                     dir: (!rec.capture_dir.is_empty()).then(|| rec.capture_dir.clone()),
                     status: rec.capture.describe(),
+                    spawned_ns: (rec.capture_spawned_ns != 0).then_some(rec.capture_spawned_ns),
                 };
                 eprintln!("{}", summary(&rec, suspects.first(), &capture));
                 writer.write_json(&StallJson {
@@ -195,6 +199,7 @@ pub(crate) fn run(
                 stall_id,
                 status,
                 dir,
+                spawned_ns,
             } => {
                 let st = status.describe();
                 if status != CaptureStatus::Exited(0) {
@@ -204,7 +209,7 @@ pub(crate) fn run(
                 } else {
                     eprintln!("freezetrap: capture for stall {stall_id} done: {dir}");
                 }
-                writer.write_json(&serde_json::json!({"event": "capture", "stall_id": stall_id, "dir": dir, "status": st}));
+                writer.write_json(&serde_json::json!({"event": "capture", "stall_id": stall_id, "dir": dir, "status": st, "spawned_ns": (spawned_ns != 0).then_some(spawned_ns)}));
                 if let Some((_, out_dir, max)) = &helper {
                     if let Err(e) = enforce_byte_cap(out_dir, *max) {
                         eprintln!(

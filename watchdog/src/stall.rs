@@ -1,6 +1,7 @@
 //! The record of one stall: filled on the watchdog thread without allocating (it comes from a
 //! preallocated pool), turned into report lines on the report thread.
 
+use crate::forksafe::ForkSafeBox;
 use crate::procview::ProcSnapshot;
 use crate::trigger::CaptureStatus;
 use alloc_guard::RawEvent;
@@ -44,31 +45,30 @@ pub struct StallRecord {
     /// How many of `recent` are valid.
     pub recent_len: usize,
     /// Every thread's kernel view at detection.
-    pub procs: Box<ProcSnapshot>,
+    pub procs: ProcSnapshot,
     /// What happened to the capture request.
     pub capture: CaptureStatus,
     /// The capture directory, when a helper was started (filled after the stall ends).
     pub capture_dir: String,
+    /// `CLOCK_MONOTONIC` ns when the helper's spawn returned (0 = not started).
+    pub capture_spawned_ns: u64,
 }
 
 impl StallRecord {
-    /// A blank record (allocates its snapshot buffer: create before any stall).
-    pub fn new_boxed() -> Box<StallRecord> {
-        Box::new(StallRecord {
-            id: 0,
-            scope: Scope::Thread,
-            thread_id: 0,
-            thread_name: [0; 32],
-            start_ns: 0,
-            detected_ns: 0,
-            duration_ns: 0,
-            in_flight: [RawEvent::EMPTY; MAX_IN_FLIGHT],
-            in_flight_len: 0,
-            recent: [RawEvent::EMPTY; MAX_RECENT],
-            recent_len: 0,
-            procs: ProcSnapshot::new_boxed(),
-            capture: CaptureStatus::NotConfigured,
-            capture_dir: String::new(),
+    /// A blank record in fork-proof memory (see [`crate::forksafe`]): the watchdog writes into
+    /// it during a stall, possibly while another thread forks. Create before any stall.
+    pub fn new_fork_safe() -> std::io::Result<ForkSafeBox<StallRecord>> {
+        ForkSafeBox::new_with(|p: *mut StallRecord| {
+            use core::ptr::addr_of_mut;
+            // SAFETY: `p` points at zeroed, writable memory big enough for a StallRecord. All
+            // integer and array fields are valid as zeroes (RawEvent's kind 0 is `Alloc`); the
+            // fields whose zero pattern is not a valid value are written here.
+            unsafe {
+                addr_of_mut!((*p).scope).write(Scope::Thread);
+                addr_of_mut!((*p).capture).write(CaptureStatus::NotConfigured);
+                addr_of_mut!((*p).capture_dir).write(String::new());
+                (*p).procs.check_access();
+            }
         })
     }
 

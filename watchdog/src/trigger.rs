@@ -1,24 +1,18 @@
-//! Starting the capture helper while a stall is still going on.
+//! Starting the capture helper while a stall is still going on: validation, rate limits,
+//! deadlines and reaping. The actual start is the [`crate::launcher`]'s job, a process of its
+//! own, because anything started from the frozen address space waits for its `mmap_lock`.
 //!
 //! # What this code may not do (during a freeze)
-//! `fork()` would block on the frozen process's `mmap_lock` (it copies the address space under
-//! it), so the helper is started with `posix_spawn`, which glibc implements with
-//! `clone(CLONE_VM | CLONE_VFORK)`: no address-space copy. Nothing here allocates after
-//! [`Trigger::new`]: the argument strings live in fixed buffers that are rewritten in place, the
-//! environment is the live `environ`, and the file actions that send the helper's output to
-//! `<dir>/helper.log` were built once, against a reserved descriptor that `dup2` repoints.
-//! No shell is involved: argv goes to the helper as is.
+//! No `fork()`, no allocation, no mapping: [`Trigger::fire`] fills a fixed-size request on the
+//! stack and writes it into a pipe. No shell anywhere: argv goes to the helper as is.
 
 use crate::config::CaptureConfig;
+use crate::launcher::{Launcher, Request, FAILED, MAX_DIR, SPAWNED};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
-
-extern "C" {
-    static environ: *const *const libc::c_char;
-}
 
 /// Checks that `path` is safe to run as root-adjacent tooling: absolute, a regular executable
 /// file, not writable by group or others, owned by root or by us.
@@ -50,15 +44,16 @@ pub fn validate_helper(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A fixed-capacity, NUL-terminated string rewritten in place (no allocation after creation).
+/// A fixed-capacity, NUL-terminated string rewritten in place. Inline (not on the heap): the
+/// watchdog owns the trigger on its fork-proof stack and writes this during stalls.
 struct ArgBuf {
-    buf: Vec<u8>,
+    buf: [u8; MAX_DIR],
 }
 
 impl ArgBuf {
-    fn with_capacity(n: usize) -> ArgBuf {
+    fn new() -> ArgBuf {
         ArgBuf {
-            buf: vec![0u8; n + 1],
+            buf: [0u8; MAX_DIR],
         }
     }
     fn set(&mut self, parts: &[&[u8]]) -> bool {
@@ -72,9 +67,6 @@ impl ArgBuf {
         }
         self.buf[len] = 0;
         true
-    }
-    fn ptr(&self) -> *mut libc::c_char {
-        self.buf.as_ptr() as *mut libc::c_char
     }
 }
 
@@ -145,6 +137,9 @@ impl CaptureStatus {
     }
 }
 
+/// The largest accepted `FREEZETRAP_CAPTURE_MAX_PER_HOUR`.
+pub const MAX_PER_HOUR: usize = 1000;
+
 /// A helper run in progress.
 #[derive(Debug, Clone, Copy)]
 pub struct Running {
@@ -154,32 +149,48 @@ pub struct Running {
     pub stall_id: u64,
     /// When it must be gone (monotonic ns).
     pub deadline_ns: u64,
+    /// When the launcher saw it exec (monotonic ns; 0 until then).
+    pub spawned_ns: u64,
 }
 
 /// The prepared trigger. Built once at watchdog start; used on the watchdog thread only.
 pub struct Trigger {
     cfg: CaptureConfig,
-    helper: CString,
+    launcher: Launcher,
     out_prefix: Vec<u8>,
-    pid: ArgBuf,
-    tid: ArgBuf,
-    stall: ArgBuf,
     dir: ArgBuf,
-    log: ArgBuf,
-    duration: ArgBuf,
-    reserved_fd: libc::c_int,
-    actions: Box<libc::posix_spawn_file_actions_t>,
-    attr: Box<libc::posix_spawnattr_t>,
-    starts: Vec<u64>,
+    /// Start times within the last hour (inline ring, see `fire`).
+    starts: [u64; MAX_PER_HOUR],
+    starts_len: usize,
     last_start_ns: Option<u64>,
     running: Option<Running>,
+    killed: bool,
 }
 
-// SAFETY: the raw spawn structures are only touched by the thread that owns the Trigger.
-unsafe impl Send for Trigger {}
+/// What [`Trigger::poll`] saw happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerEvent {
+    /// The helper exec'd at this `CLOCK_MONOTONIC` time.
+    Spawned {
+        /// The stall it is for.
+        stall_id: u64,
+        /// When.
+        mono_ns: u64,
+    },
+    /// The helper is gone (or never started).
+    Finished {
+        /// The stall it was for.
+        stall_id: u64,
+        /// How it ended.
+        status: CaptureStatus,
+        /// When it had exec'd (`CLOCK_MONOTONIC` ns, 0 if it never did).
+        spawned_ns: u64,
+    },
+}
 
 impl Trigger {
-    /// Validates the helper and prepares everything a spawn needs. Errors are one-line reasons.
+    /// Validates the helper, creates the output directory and forks the launcher.
+    /// Errors are one-line reasons.
     pub fn new(cfg: CaptureConfig) -> Result<Trigger, String> {
         validate_helper(&cfg.helper)?;
         alloc_guard::create_private_dir(&cfg.out_dir).map_err(|e| {
@@ -192,62 +203,25 @@ impl Trigger {
             .map_err(|_| "it contains a NUL byte".to_string())?;
         let mut out_prefix = cfg.out_dir.as_os_str().as_bytes().to_vec();
         out_prefix.extend_from_slice(b"/stall-");
-        let path_cap = out_prefix.len() + 64;
-        // A descriptor number reserved for the helper's log: file actions dup2 it onto 1 and 2.
-        // SAFETY: plain syscalls on a literal path.
-        let reserved_fd =
-            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if reserved_fd < 0 {
+        if out_prefix.len() + 48 > MAX_DIR {
             return Err(format!(
-                "cannot open /dev/null ({})",
-                std::io::Error::last_os_error()
+                "the output directory path is longer than {} bytes",
+                MAX_DIR - 48
             ));
         }
-        // SAFETY: zeroed structures are initialised by the init calls before use; both are
-        // boxed so their addresses stay put. Building them here is where glibc allocates.
-        let (actions, attr) = unsafe {
-            let mut actions: Box<libc::posix_spawn_file_actions_t> = Box::new(std::mem::zeroed());
-            libc::posix_spawn_file_actions_init(&mut *actions);
-            libc::posix_spawn_file_actions_adddup2(&mut *actions, reserved_fd, 1);
-            libc::posix_spawn_file_actions_adddup2(&mut *actions, reserved_fd, 2);
-            let mut attr: Box<libc::posix_spawnattr_t> = Box::new(std::mem::zeroed());
-            libc::posix_spawnattr_init(&mut *attr);
-            // Reset the signal mask and dispositions: the service may block signals the helper
-            // needs (SIGINT/SIGTERM for its own clean exit).
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::posix_spawnattr_setsigmask(&mut *attr, &empty);
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::posix_spawnattr_setsigdefault(&mut *attr, &all);
-            libc::posix_spawnattr_setflags(
-                &mut *attr,
-                (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as _,
-            );
-            (actions, attr)
-        };
-        let max = cfg.max_per_hour as usize;
-        let mut t = Trigger {
-            helper,
+        let launcher = Launcher::start(&helper, cfg.duration.as_secs().max(1))
+            .map_err(|e| format!("the launcher process cannot be started ({e})"))?;
+        Ok(Trigger {
+            launcher,
+            dir: ArgBuf::new(),
             out_prefix,
-            pid: ArgBuf::with_capacity(20),
-            tid: ArgBuf::with_capacity(20),
-            stall: ArgBuf::with_capacity(20),
-            dir: ArgBuf::with_capacity(path_cap),
-            log: ArgBuf::with_capacity(path_cap + 16),
-            duration: ArgBuf::with_capacity(20),
-            reserved_fd,
-            actions,
-            attr,
-            starts: Vec::with_capacity(max),
+            starts: [0; MAX_PER_HOUR],
+            starts_len: 0,
             last_start_ns: None,
             running: None,
+            killed: false,
             cfg,
-        };
-        let mut d = [0u8; 20];
-        t.duration
-            .set(&[digits(t.cfg.duration.as_secs().max(1), &mut d)]);
-        Ok(t)
+        })
     }
 
     /// The configured helper.
@@ -272,87 +246,54 @@ impl Trigger {
             }
         }
         let hour = 3_600_000_000_000u64;
-        self.starts.retain(|&t| now_ns.saturating_sub(t) < hour); // in place: no allocation
-        if self.starts.len() >= self.cfg.max_per_hour as usize {
+        // Keep only the starts of the last hour (compacting in place).
+        let mut kept = 0;
+        for i in 0..self.starts_len {
+            if now_ns.saturating_sub(self.starts[i]) < hour {
+                self.starts[kept] = self.starts[i];
+                kept += 1;
+            }
+        }
+        self.starts_len = kept;
+        if self.starts_len >= (self.cfg.max_per_hour as usize).min(MAX_PER_HOUR) {
             return CaptureStatus::SkippedHourlyCap;
         }
         let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
         // SAFETY: getpid cannot fail.
         let pid = unsafe { libc::getpid() } as u64;
-        let stall_digits = digits(stall_id, &mut a);
-        let ok = self
-            .dir
-            .set(&[&self.out_prefix, stall_digits, b"-", digits(pid, &mut b)])
-            && self.log.set(&[
-                &self.dir.buf[..self.dir.buf.iter().position(|&c| c == 0).unwrap_or(0)],
-                b"/helper.log",
-            ]);
-        if !ok {
+        if !self.dir.set(&[
+            &self.out_prefix,
+            digits(stall_id, &mut a),
+            b"-",
+            digits(pid, &mut b),
+        ]) {
             return CaptureStatus::DirFailed(libc::ENAMETOOLONG);
         }
-        self.stall.set(&[stall_digits]);
-        self.pid.set(&[digits(pid, &mut b)]);
-        self.tid.set(&[digits(tid, &mut a)]);
-        // SAFETY: NUL-terminated path in a live buffer.
-        if unsafe { libc::mkdir(self.dir.ptr(), 0o700) } != 0 {
-            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            if e != libc::EEXIST {
-                return CaptureStatus::DirFailed(e);
-            }
-        }
-        // Point the reserved descriptor at <dir>/helper.log for the child's stdout/stderr.
-        // SAFETY: plain syscalls on our own buffers and descriptors.
-        unsafe {
-            let log = libc::open(
-                self.log.ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-                0o600,
-            );
-            if log >= 0 {
-                libc::dup2(log, self.reserved_fd);
-                libc::close(log);
-            }
-        }
-        let argv: [*mut libc::c_char; 12] = [
-            self.helper.as_ptr() as *mut _,
-            c"--pid".as_ptr() as *mut _,
-            self.pid.ptr(),
-            c"--tid".as_ptr() as *mut _,
-            self.tid.ptr(),
-            c"--stall-id".as_ptr() as *mut _,
-            self.stall.ptr(),
-            c"--out".as_ptr() as *mut _,
-            self.dir.ptr(),
-            c"--duration".as_ptr() as *mut _,
-            self.duration.ptr(),
-            std::ptr::null_mut(),
-        ];
-        let mut child: libc::pid_t = 0;
-        // SAFETY: every pointer is a live NUL-terminated string or null-terminated array;
-        // `actions` and `attr` were initialised in `new`; `environ` is the live environment.
-        let rc = unsafe {
-            libc::posix_spawn(
-                &mut child,
-                self.helper.as_ptr(),
-                &*self.actions,
-                &*self.attr,
-                argv.as_ptr(),
-                environ as *const *mut _,
-            )
+        let dir_len = self.dir.buf.iter().position(|&c| c == 0).unwrap_or(0);
+        let mut req = Request {
+            stall_id,
+            tid,
+            pid,
+            dir_len: dir_len as u64,
+            dir: [0; MAX_DIR],
         };
-        if rc != 0 {
-            return CaptureStatus::SpawnFailed(rc);
+        req.dir[..dir_len].copy_from_slice(&self.dir.buf[..dir_len]);
+        if let Err(e) = self.launcher.request(&req) {
+            return CaptureStatus::SpawnFailed(e);
         }
         self.last_start_ns = Some(now_ns);
-        if self.starts.len() < self.starts.capacity() {
-            self.starts.push(now_ns);
+        if self.starts_len < MAX_PER_HOUR {
+            self.starts[self.starts_len] = now_ns;
+            self.starts_len += 1;
         }
-        let grace = Duration::from_secs(5).as_nanos() as u64;
+        let grace = Duration::from_secs(2).as_nanos() as u64;
         self.running = Some(Running {
-            pid: child,
+            pid: 0,
             stall_id,
             deadline_ns: now_ns + self.cfg.duration.as_nanos() as u64 + grace,
+            spawned_ns: 0,
         });
+        self.killed = false;
         CaptureStatus::Running
     }
 
@@ -362,34 +303,52 @@ impl Trigger {
         String::from_utf8_lossy(&self.dir.buf[..end]).into_owned()
     }
 
-    /// Reaps a finished helper, or kills one past its deadline. Returns `(stall_id, status)`
-    /// when the running helper is gone. No allocation.
-    pub fn poll(&mut self, now_ns: u64) -> Option<(u64, CaptureStatus)> {
-        let run = self.running?;
-        let mut status = 0;
-        // SAFETY: waitpid on our own child, non-blocking.
-        let r = unsafe { libc::waitpid(run.pid, &mut status, libc::WNOHANG) };
-        if r == run.pid {
-            self.running = None;
-            let st = if libc::WIFEXITED(status) {
-                CaptureStatus::Exited(libc::WEXITSTATUS(status))
-            } else {
-                CaptureStatus::Signaled(libc::WTERMSIG(status))
-            };
-            return Some((run.stall_id, st));
-        }
-        if r < 0 {
-            self.running = None;
-            return Some((run.stall_id, CaptureStatus::Exited(-1)));
-        }
-        if now_ns >= run.deadline_ns {
-            // SAFETY: signalling and reaping our own child.
-            unsafe {
-                libc::kill(run.pid, libc::SIGKILL);
-                libc::waitpid(run.pid, &mut status, 0);
+    /// Reads the launcher's answers and kills a helper past its deadline. Call every tick;
+    /// never blocks, never allocates.
+    pub fn poll(&mut self, now_ns: u64) -> Option<TriggerEvent> {
+        let run = self.running.as_mut()?;
+        if let Some(r) = self.launcher.poll() {
+            match r.kind {
+                SPAWNED => {
+                    run.pid = r.pid as libc::pid_t;
+                    run.spawned_ns = r.mono_ns;
+                    return Some(TriggerEvent::Spawned {
+                        stall_id: r.stall_id,
+                        mono_ns: r.mono_ns,
+                    });
+                }
+                FAILED => {
+                    self.running = None;
+                    return Some(TriggerEvent::Finished {
+                        stall_id: r.stall_id,
+                        status: CaptureStatus::SpawnFailed(r.value),
+                        spawned_ns: 0,
+                    });
+                }
+                _ => {
+                    let spawned_ns = run.spawned_ns;
+                    self.running = None;
+                    let st = r.value;
+                    let status = if self.killed {
+                        CaptureStatus::KilledAtDeadline
+                    } else if libc::WIFEXITED(st) {
+                        CaptureStatus::Exited(libc::WEXITSTATUS(st))
+                    } else {
+                        CaptureStatus::Signaled(libc::WTERMSIG(st))
+                    };
+                    return Some(TriggerEvent::Finished {
+                        stall_id: r.stall_id,
+                        status,
+                        spawned_ns,
+                    });
+                }
             }
-            self.running = None;
-            return Some((run.stall_id, CaptureStatus::KilledAtDeadline));
+        }
+        if now_ns >= run.deadline_ns && run.pid > 0 && !self.killed {
+            // The launcher reaps it and reports EXITED; we remember why it died.
+            // SAFETY: signalling the helper, our grandchild, by pid.
+            unsafe { libc::kill(run.pid, libc::SIGKILL) };
+            self.killed = true;
         }
         None
     }
@@ -398,17 +357,10 @@ impl Trigger {
 impl Drop for Trigger {
     fn drop(&mut self) {
         if let Some(run) = self.running.take() {
-            // SAFETY: our own child: stop and reap it so no zombie is left.
-            unsafe {
-                libc::kill(run.pid, libc::SIGKILL);
-                libc::waitpid(run.pid, std::ptr::null_mut(), 0);
+            if run.pid > 0 {
+                // SAFETY: stopping the helper; the launcher (dropped next) reaps it.
+                unsafe { libc::kill(run.pid, libc::SIGKILL) };
             }
-        }
-        // SAFETY: initialised in `new`, destroyed once.
-        unsafe {
-            libc::posix_spawn_file_actions_destroy(&mut *self.actions);
-            libc::posix_spawnattr_destroy(&mut *self.attr);
-            libc::close(self.reserved_fd);
         }
     }
 }

@@ -1,0 +1,195 @@
+//! Memory that a `fork()` elsewhere in the process cannot freeze.
+//!
+//! `fork()` write-protects every private page of the parent for copy-on-write while it holds the
+//! `mmap_lock` (and each VMA's lock) for write. A thread that then *writes* to one of those
+//! pages takes a page fault that waits until the fork is over — which would make the watchdog
+//! freeze with the service it watches. Memory marked `MADV_DONTFORK` is not copied into the
+//! child, so fork leaves it writable and the watchdog keeps running: its stack and everything it
+//! writes during a stall live in such memory.
+
+use core::mem::size_of;
+use core::ops::{Deref, DerefMut};
+use core::ptr::NonNull;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf cannot fail for _SC_PAGESIZE.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// A heap-like box in its own `MADV_DONTFORK` mapping, prefaulted.
+pub struct ForkSafeBox<T> {
+    ptr: NonNull<T>,
+    len: usize,
+}
+
+// SAFETY: ForkSafeBox owns its T exclusively, like Box.
+unsafe impl<T: Send> Send for ForkSafeBox<T> {}
+// SAFETY: shared access only hands out &T, like Box.
+unsafe impl<T: Sync> Sync for ForkSafeBox<T> {}
+
+impl<T> ForkSafeBox<T> {
+    /// Maps fresh memory, marks it `MADV_DONTFORK`, touches every page, and builds the value in
+    /// place with `init` (which must fully initialise it).
+    pub fn new_with(init: impl FnOnce(*mut T)) -> std::io::Result<Self> {
+        let ps = page_size();
+        let len = size_of::<T>().max(1).div_ceil(ps) * ps;
+        assert!(core::mem::align_of::<T>() <= ps);
+        // SAFETY: a fresh private anonymous mapping, checked for failure; madvise and the
+        // page-touching writes stay inside it; `init` initialises the T at its start.
+        unsafe {
+            let p = libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::madvise(p, len, libc::MADV_DONTFORK) != 0 {
+                let e = std::io::Error::last_os_error();
+                libc::munmap(p, len);
+                return Err(e);
+            }
+            for off in (0..len).step_by(ps) {
+                core::ptr::write_volatile((p as *mut u8).add(off), 0);
+            }
+            init(p as *mut T);
+            Ok(ForkSafeBox {
+                ptr: NonNull::new_unchecked(p as *mut T),
+                len,
+            })
+        }
+    }
+}
+
+impl<T> Deref for ForkSafeBox<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: initialised in `new_with`, valid until drop.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> DerefMut for ForkSafeBox<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as above; `&mut self` guarantees exclusivity.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T> Drop for ForkSafeBox<T> {
+    fn drop(&mut self) {
+        // SAFETY: the value was initialised and is dropped once; the mapping is ours.
+        unsafe {
+            core::ptr::drop_in_place(self.ptr.as_ptr());
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Marks this thread's stack *below the caller's frame* `MADV_DONTFORK`, then runs `f` on it.
+///
+/// Only the part below is marked: glibc keeps the thread descriptor and static TLS at the top
+/// of the stack mapping, and a forked child walks those descriptors, so they must exist in the
+/// child. `f`'s frames (and everything it calls) lie below the marked boundary: a padding frame
+/// moves the stack pointer down a few pages first. Returns `f`'s value; if marking fails, `f`
+/// still runs (unprotected) and the error is returned alongside.
+pub fn run_on_protected_stack<R>(f: impl FnOnce() -> R) -> (R, std::io::Result<()>) {
+    let sp: usize;
+    // SAFETY: reads the stack pointer register only.
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
+    let ps = page_size();
+    // Everything from two pages below our frame downwards to the guard page.
+    let end = (sp / ps - 2) * ps;
+    // SAFETY: pthread_getattr_np fills `attr`, destroyed after use; the madvise range lies
+    // inside this thread's stack mapping, above its guard page and below our own frame.
+    let marked = unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            Err(std::io::Error::other("pthread_getattr_np failed"))
+        } else {
+            let mut addr: *mut libc::c_void = core::ptr::null_mut();
+            let mut size: libc::size_t = 0;
+            libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
+            libc::pthread_attr_destroy(&mut attr);
+            let start = (addr as usize).div_ceil(ps) * ps;
+            if end <= start {
+                Err(std::io::Error::other("stack too small"))
+            } else if libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTFORK)
+                != 0
+            {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    (below_padding(f), marked)
+}
+
+/// Maps the page tables of every loaded object's executable code (`MADV_POPULATE_READ`), so
+/// the first stall does not page-fault into code it never ran before — a fault that would wait
+/// for the mmap_lock of the very freeze being detected. Best effort; call at start.
+pub fn populate_code() {
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        _data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr hands us a valid info with `dlpi_phnum` program headers.
+        unsafe {
+            let info = &*info;
+            let ps = page_size();
+            for i in 0..info.dlpi_phnum as usize {
+                let ph = &*info.dlpi_phdr.add(i);
+                if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                    let start = (info.dlpi_addr as usize + ph.p_vaddr as usize) / ps * ps;
+                    let end = (info.dlpi_addr as usize + ph.p_vaddr as usize + ph.p_memsz as usize)
+                        .div_ceil(ps)
+                        * ps;
+                    // MADV_POPULATE_READ = 22 (Linux 5.14); older kernels say EINVAL: ignored.
+                    libc::madvise(start as *mut libc::c_void, end - start, 22);
+                }
+            }
+        }
+        0
+    }
+    // SAFETY: the callback only reads the headers glibc passes and calls madvise.
+    unsafe { libc::dl_iterate_phdr(Some(each), core::ptr::null_mut()) };
+}
+
+#[inline(never)]
+fn below_padding<R>(f: impl FnOnce() -> R) -> R {
+    // Four pages of padding: `f`'s frame starts below the marked boundary.
+    let pad = [0u8; 16 << 10];
+    core::hint::black_box(&pad);
+    let r = f();
+    core::hint::black_box(&pad);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_box_survives_a_fork_untouched_and_the_child_does_not_see_it() {
+        let mut b =
+            ForkSafeBox::new_with(|p: *mut [u64; 1024]| unsafe { p.write([7; 1024]) }).unwrap();
+        b[3] = 9;
+        // SAFETY: the child only calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe { libc::_exit(0) };
+        }
+        let mut st = 0;
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        b[4] = 10; // still writable, no copy-on-write involved
+        assert_eq!((b[0], b[3], b[4]), (7, 9, 10));
+    }
+}

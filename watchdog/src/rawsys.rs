@@ -1,0 +1,144 @@
+//! System calls for the detection path that never touch `errno`.
+//!
+//! glibc's wrappers store a failing call's error in `errno`, a thread-local that lives in the
+//! thread descriptor page at the top of the thread's stack mapping. That page cannot be kept
+//! out of a fork (a forked child's glibc walks every thread descriptor), so while another thread
+//! forks it is write-protected, and the store would fault and wait for the very mmap_lock freeze
+//! being detected. These wrappers issue the `syscall` instruction directly and return `-errno`.
+
+/// `syscall(n, a, b, c)`; returns the kernel's result (negative errno on failure).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the Linux x86-64 syscall ABI: number in rax, arguments in rdi/rsi/rdx, result in
+    // rax; the instruction clobbers rcx and r11. Callers pass valid pointers for the call.
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a, in("rsi") b, in("rdx") c,
+            lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+/// Sleeps until `deadline_ns` on `CLOCK_MONOTONIC` (absolute). A raw syscall on purpose: glibc's
+/// `clock_nanosleep` is a cancellation point and writes the thread descriptor's cancel state
+/// on every call, a store into the same fork-protected page as errno.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn sleep_until(deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as _,
+        tv_nsec: (deadline_ns % 1_000_000_000) as _,
+    };
+    let _ret: isize;
+    // SAFETY: clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL): the fourth argument
+    // goes in r10 per the syscall ABI; `ts` outlives the call; EINTR just ends the sleep early.
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") libc::SYS_clock_nanosleep as isize => _ret,
+            in("rdi") libc::CLOCK_MONOTONIC as usize, in("rsi") libc::TIMER_ABSTIME as usize,
+            in("rdx") &ts as *const libc::timespec as usize, in("r10") 0usize,
+            lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+}
+
+/// Portable fallback.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn sleep_until(deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as _,
+        tv_nsec: (deadline_ns % 1_000_000_000) as _,
+    };
+    // SAFETY: valid timespec.
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            core::ptr::null_mut(),
+        )
+    };
+}
+
+/// Portable fallback (touches errno on failure).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+    // SAFETY: forwards to libc's generic syscall wrapper.
+    let r = unsafe { libc::syscall(n, a, b, c) } as isize;
+    if r < 0 {
+        -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize)
+    } else {
+        r
+    }
+}
+
+/// `openat(AT_FDCWD, path, flags)`; `path` must be NUL-terminated.
+pub(crate) fn open(path: &[u8], flags: libc::c_int) -> isize {
+    debug_assert_eq!(path.last(), Some(&0));
+    syscall3(
+        libc::SYS_openat,
+        libc::AT_FDCWD as isize as usize,
+        path.as_ptr() as usize,
+        flags as usize,
+    )
+}
+
+/// `read(fd, buf)`.
+pub(crate) fn read(fd: libc::c_int, buf: &mut [u8]) -> isize {
+    syscall3(
+        libc::SYS_read,
+        fd as usize,
+        buf.as_mut_ptr() as usize,
+        buf.len(),
+    )
+}
+
+/// `close(fd)`.
+pub(crate) fn close(fd: libc::c_int) {
+    syscall3(libc::SYS_close, fd as usize, 0, 0);
+}
+
+/// `getdents64(fd, buf)`.
+pub(crate) fn getdents64(fd: libc::c_int, buf: &mut [u8]) -> isize {
+    syscall3(
+        libc::SYS_getdents64,
+        fd as usize,
+        buf.as_mut_ptr() as usize,
+        buf.len(),
+    )
+}
+
+/// True when `fd` has data to read now (`poll` with a zero timeout).
+pub(crate) fn readable(fd: libc::c_int) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    syscall3(libc::SYS_poll, &mut p as *mut libc::pollfd as usize, 1, 0) > 0
+        && p.revents & libc::POLLIN != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_come_back_without_errno() {
+        // SAFETY: writes errno to a known value, then reads it.
+        unsafe { *libc::__errno_location() = 4242 };
+        assert_eq!(
+            open(b"/definitely/not/here\0", libc::O_RDONLY),
+            -(libc::ENOENT as isize)
+        );
+        assert_eq!(
+            unsafe { *libc::__errno_location() },
+            4242,
+            "errno untouched"
+        );
+        let fd = open(b"/proc/self/stat\0", libc::O_RDONLY | libc::O_CLOEXEC);
+        assert!(fd >= 0);
+        let mut buf = [0u8; 64];
+        assert!(read(fd as i32, &mut buf) > 0);
+        assert!(readable(fd as i32) || true);
+        close(fd as i32);
+    }
+}
