@@ -79,6 +79,7 @@ impl Detector {
     /// Thread entry: moves to a fork-proof stack region, then runs the loop there.
     pub(crate) fn start(self) {
         alloc_guard::mark_current_thread_internal();
+        crate::forksafe::unregister_rseq();
         let ((), marked) = run_on_protected_stack(move || self.run());
         if let Err(e) = marked {
             eprintln!("freezetrap: the watchdog's stack could not be protected from fork ({e}): a fork elsewhere may delay stall detection");

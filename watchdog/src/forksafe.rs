@@ -132,6 +132,56 @@ pub fn run_on_protected_stack<R>(f: impl FnOnce() -> R) -> (R, std::io::Result<(
     (below_padding(f), marked)
 }
 
+/// Unregisters the calling thread's restartable-sequences area.
+///
+/// glibc (2.35+) registers an `rseq` area for every thread inside its thread descriptor, and the
+/// kernel writes the current CPU into it on every return to user space after a reschedule. That
+/// write faults while a fork has the descriptor page write-protected, so a thread with rseq
+/// cannot even wake from `clock_nanosleep` during a fork (seen here: threads blocked in
+/// `__rseq_handle_notify_resume -> __put_user -> exc_page_fault -> lock_mm_and_find_vma`). The
+/// watchdog does not need rseq (glibc only uses it to speed up `sched_getcpu`). Returns whether
+/// an area was unregistered.
+pub fn unregister_rseq() -> bool {
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    const RSEQ_FLAG_UNREGISTER: usize = 1;
+    // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names; absent symbols (glibc < 2.35,
+    // or rseq disabled) mean there is nothing to unregister.
+    let (off, size) = unsafe {
+        let off = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr());
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr());
+        if off.is_null() || size.is_null() {
+            return false;
+        }
+        (*(off as *const isize), *(size as *const u32))
+    };
+    if size == 0 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tp: usize;
+        // SAFETY: on x86-64 the thread pointer is stored at fs:0 (the TCB's self pointer).
+        unsafe {
+            core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags))
+        };
+        let area = (tp as isize + off) as usize;
+        // The registered length is 32 (struct rseq) on current glibc; older ones used __rseq_size.
+        for len in [32usize, size as usize] {
+            let r = crate::rawsys::syscall4(
+                libc::SYS_rseq,
+                area,
+                len,
+                RSEQ_FLAG_UNREGISTER,
+                RSEQ_SIG as usize,
+            );
+            if r == 0 {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Maps the page tables of every loaded object's executable code (`MADV_POPULATE_READ`), so
 /// the first stall does not page-fault into code it never ran before — a fault that would wait
 /// for the mmap_lock of the very freeze being detected. Best effort; call at start.
@@ -176,6 +226,16 @@ fn below_padding<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rseq_can_be_unregistered_on_a_thread() {
+        // glibc >= 2.35 registers rseq per thread (this machine has 2.36); on older systems
+        // there is nothing to unregister and the call says so.
+        let registered =
+            unsafe { !libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()).is_null() };
+        let done = std::thread::spawn(unregister_rseq).join().unwrap();
+        assert_eq!(done, registered);
+    }
 
     #[test]
     fn a_box_survives_a_fork_untouched_and_the_child_does_not_see_it() {

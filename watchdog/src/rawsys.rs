@@ -58,6 +58,18 @@ pub(crate) fn sleep_until(deadline_ns: u64) {
     };
 }
 
+/// `syscall(n, a, b, c, d)`; returns the kernel's result (negative errno on failure).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn syscall4(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
+    let ret: isize;
+    // SAFETY: as `syscall3`; the fourth argument goes in r10.
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a, in("rsi") b, in("rdx") c,
+            in("r10") d, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
 /// Portable fallback (touches errno on failure).
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
