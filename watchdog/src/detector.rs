@@ -9,7 +9,7 @@
 //! Its stack is pre-faulted at start, so it does not page-fault into the lock either.
 
 use crate::forksafe::{run_on_protected_stack, ForkSafeBox};
-use crate::heartbeat::{slot_name, ACTIVE, MAX_HEARTBEATS, SLOTS};
+use crate::heartbeat::{slot_name, ACTIVE, HIGH_WATER, MAX_HEARTBEATS, SLOTS};
 use crate::stall::{Scope, StallRecord};
 use crate::trigger::{CaptureStatus, Trigger, TriggerEvent};
 use crate::{Shared, WatchdogConfig};
@@ -37,9 +37,11 @@ pub(crate) enum Msg {
 #[derive(Clone, Copy, Default)]
 struct Watched {
     generation: u64,
-    beats: u64,
-    last_progress_ns: u64,
-    stall: Option<u64>,
+    /// Beats before this time do not count as stale (set after a process stall, which froze
+    /// every heartbeat thread for a reason already reported).
+    floor_ns: u64,
+    /// The open stall: id and start (the last beat).
+    stall: Option<(u64, u64)>,
 }
 
 /// What the loop mutates, in one fork-proof block.
@@ -173,11 +175,12 @@ impl Detector {
                     }
                 }
                 for w in watched.iter_mut() {
-                    w.last_progress_ns = now;
+                    w.floor_ns = now;
                 }
             }
 
-            for (i, slot) in SLOTS.iter().enumerate() {
+            let high = HIGH_WATER.load(Ordering::Relaxed);
+            for (i, slot) in SLOTS[..high].iter().enumerate() {
                 let w = &mut watched[i];
                 // Acquire: pairs with the Release in Heartbeat::try_new (name, tid, generation).
                 let state = slot.state.load(Ordering::Acquire);
@@ -186,32 +189,44 @@ impl Detector {
                     if let Some(rec) = open[i].take() {
                         end_stall(&self.out, trigger.as_ref(), rec, now); // unregistered while stalled
                     }
+                    if let Some((id, start)) = w.stall.take() {
+                        probes::stall_end(id, now.saturating_sub(start));
+                    }
                     *w = Watched {
                         generation,
-                        beats: slot.beats.load(Ordering::Relaxed),
-                        last_progress_ns: now,
+                        floor_ns: 0,
                         stall: None,
                     };
                     continue;
                 }
-                let beats = slot.beats.load(Ordering::Relaxed);
-                if beats != w.beats || state != ACTIVE {
-                    w.beats = beats;
-                    w.last_progress_ns = now;
-                    if let Some(mut rec) = open[i].take() {
-                        rec.duration_ns = now.saturating_sub(rec.start_ns);
-                        end_stall(&self.out, trigger.as_ref(), rec, now);
+                let last = slot.last_ns.load(Ordering::Relaxed).max(w.floor_ns);
+                if let Some((id, start)) = w.stall {
+                    // Progress (or an announced idle wait) ends the stall; it lasted until the
+                    // first beat after it began.
+                    let progressed = last > start;
+                    if progressed || state != ACTIVE {
+                        let end = if progressed { last } else { now };
+                        match open[i].take() {
+                            Some(mut rec) => {
+                                rec.duration_ns = end.saturating_sub(rec.start_ns);
+                                end_stall(&self.out, trigger.as_ref(), rec, now);
+                            }
+                            None => probes::stall_end(id, end.saturating_sub(start)),
+                        }
+                        w.stall = None;
                     }
-                    w.stall = None;
                     continue;
                 }
-                let age = now.saturating_sub(w.last_progress_ns);
-                if w.stall.is_none() && age >= threshold {
+                if state != ACTIVE {
+                    continue;
+                }
+                let age = now.saturating_sub(last);
+                if age >= threshold {
                     let id = *next_id;
                     *next_id += 1;
                     let tid = slot.tid.load(Ordering::Relaxed);
                     probes::stall_begin(id, tid, age);
-                    w.stall = Some(id);
+                    w.stall = Some((id, last));
                     let capture = match trigger.as_mut() {
                         Some(t) => t.fire(id, tid, now),
                         None => CaptureStatus::NotConfigured,
@@ -222,7 +237,7 @@ impl Detector {
                             rec.scope = Scope::Thread;
                             rec.thread_id = tid;
                             rec.thread_name = slot_name(slot);
-                            rec.start_ns = w.last_progress_ns;
+                            rec.start_ns = last;
                             rec.detected_ns = now;
                             rec.duration_ns = 0;
                             rec.capture = capture;

@@ -1,12 +1,13 @@
 //! Heartbeats: cheap progress marks that critical threads leave for the watchdog.
 //!
 //! A [`Heartbeat`] owns one slot of a fixed, static registry. [`Heartbeat::beat`] is one relaxed
-//! store of a per-handle counter: no clock read, no shared read-modify-write. The watchdog
-//! samples the counters every tick; a counter that has not moved for the stall threshold is a
-//! thread stall. Because progress is observed at tick granularity, detection happens between
-//! `threshold` and `threshold + tick` after the last beat.
+//! store of the current `CLOCK_MONOTONIC` time (a vDSO read, no syscall, no shared
+//! read-modify-write). The watchdog reads the stamps every tick; a stamp older than the stall
+//! threshold is a thread stall, detected between `threshold` and `threshold + tick` after the
+//! last beat. (A counter instead of a time would save the clock read, ~20-40 ns, but the
+//! watchdog would only learn *which tick* a beat fell in, stretching detection to
+//! `threshold + 2 ticks`.)
 
-use core::cell::Cell;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 /// Heartbeats that can be registered at once.
@@ -19,17 +20,21 @@ pub(crate) const IDLE: u8 = 3;
 
 pub(crate) struct Slot {
     pub(crate) state: AtomicU8,
-    pub(crate) beats: AtomicU64,
+    pub(crate) last_ns: AtomicU64,
     pub(crate) tid: AtomicU64,
     /// Bumped on every registration, so the watchdog notices a slot that was reused.
     pub(crate) generation: AtomicU64,
     pub(crate) name: [AtomicU64; 4],
 }
 
+/// One past the highest slot index ever claimed: the watchdog scans only `SLOTS[..HIGH_WATER]`.
+pub(crate) static HIGH_WATER: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
+
 pub(crate) static SLOTS: [Slot; MAX_HEARTBEATS] = [const {
     Slot {
         state: AtomicU8::new(FREE),
-        beats: AtomicU64::new(0),
+        last_ns: AtomicU64::new(0),
         tid: AtomicU64::new(0),
         generation: AtomicU64::new(0),
         name: [const { AtomicU64::new(0) }; 4],
@@ -49,7 +54,6 @@ pub(crate) static SLOTS: [Slot; MAX_HEARTBEATS] = [const {
 /// [`Heartbeat::idle`] before waiting, so a quiet period is not reported as a stall.
 pub struct Heartbeat {
     slot: &'static Slot,
-    count: Cell<u64>,
 }
 
 /// Why a heartbeat could not be registered.
@@ -76,7 +80,7 @@ impl Heartbeat {
 
     /// Like [`Heartbeat::new`], returning an error when the registry is full.
     pub fn try_new(name: &str) -> Result<Heartbeat, RegistryFull> {
-        for slot in SLOTS.iter() {
+        for (i, slot) in SLOTS.iter().enumerate() {
             // Acquire: our stores below must not move before we own the slot.
             if slot
                 .state
@@ -94,26 +98,25 @@ impl Heartbeat {
                 }
                 slot.tid
                     .store(alloc_guard::sys::current_tid(), Ordering::Relaxed);
-                slot.beats.store(0, Ordering::Relaxed);
+                slot.last_ns
+                    .store(alloc_guard::sys::monotonic_ns(), Ordering::Relaxed);
                 slot.generation.fetch_add(1, Ordering::Relaxed);
                 // Release: the watchdog's Acquire load of ACTIVE sees name, tid and generation.
                 slot.state.store(ACTIVE, Ordering::Release);
-                return Ok(Heartbeat {
-                    slot,
-                    count: Cell::new(0),
-                });
+                HIGH_WATER.fetch_max(i + 1, Ordering::Relaxed);
+                return Ok(Heartbeat { slot });
             }
         }
         Err(RegistryFull)
     }
 
-    /// Marks progress. One relaxed store: the watchdog only needs to see the counter move
-    /// eventually (within a tick), not in any order with other memory.
+    /// Marks progress: one relaxed store of the current time. Relaxed suffices: the watchdog
+    /// only needs to see the stamp eventually (within a tick), in no order with other memory.
     #[inline]
     pub fn beat(&self) {
-        let c = self.count.get().wrapping_add(1);
-        self.count.set(c);
-        self.slot.beats.store(c, Ordering::Relaxed);
+        self.slot
+            .last_ns
+            .store(alloc_guard::sys::monotonic_ns(), Ordering::Relaxed);
         if self.slot.state.load(Ordering::Relaxed) == IDLE {
             self.slot.state.store(ACTIVE, Ordering::Relaxed);
         }

@@ -237,9 +237,28 @@ impl Watchdog {
         }
     }
 
-    /// The watchdog thread's kernel id (for measuring its CPU use).
-    pub fn thread(&self) -> Option<&std::thread::Thread> {
-        self.detector.as_ref().map(|d| d.thread())
+    /// CPU time the watchdog thread has used so far (its per-thread CPU clock), for measuring
+    /// its overhead.
+    pub fn cpu_time(&self) -> Option<std::time::Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        let pt = self.detector.as_ref()?.as_pthread_t();
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `pt` is a live thread (joined only in Drop); out-pointers are valid locals.
+        unsafe {
+            if libc::pthread_getcpuclockid(pt, &mut clock) != 0
+                || libc::clock_gettime(clock, &mut ts) != 0
+            {
+                return None;
+            }
+        }
+        Some(std::time::Duration::new(
+            ts.tv_sec as u64,
+            ts.tv_nsec as u32,
+        ))
     }
 }
 
