@@ -44,6 +44,10 @@ pub mod stall;
 pub mod suspects;
 pub mod trigger;
 
+#[cfg(feature = "tokio")]
+#[path = "tokio_heartbeat.rs"]
+pub mod tokio;
+
 pub use config::{CaptureConfig, WatchdogConfig};
 pub use heartbeat::Heartbeat;
 
