@@ -7,8 +7,9 @@
 //! cargo run --release --example freeze_demo              # defaults: ~30M keys, ~1 GiB table
 //! cargo run --release --example freeze_demo -- 58720257  # the incident's size (~3.5 GB table)
 //! ```
-//! Stall detection and the eBPF capture are added by the watchdog and probes issues; this demo
-//! grows with them.
+//! The indexer and the workers beat heartbeats, so the watchdog (`FREEZETRAP_STALL`, 300 ms
+//! here) reports the resize's stall while it happens and names the large allocation behind it.
+//! The eBPF capture helper (`freezetrap-capture`) is the next step (issue #4).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,9 +24,13 @@ static GLOBAL: freezetrap::GuardedAlloc<tikv_jemallocator::Jemalloc> =
 const DEFAULT_KEYS: u64 = (1 << 25) / 8 * 7 + 1;
 
 /// The index: document id -> offset, grown one insert at a time, as the incident's service did.
+/// The indexer beats its heartbeat every 4096 documents: a resize that takes seconds is a stall.
 #[inline(never)]
-fn index_documents(index: &mut HashMap<u64, u64>, from: u64, to: u64) {
+fn index_documents(index: &mut HashMap<u64, u64>, from: u64, to: u64, hb: &freezetrap::Heartbeat) {
     for doc in from..to {
+        if doc % 4096 == 0 {
+            hb.beat();
+        }
         index.insert(doc, doc.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
 }
@@ -48,6 +53,7 @@ fn main() {
     set_default("FREEZETRAP_ALLOC_THRESHOLD", "256MiB");
     set_default("FREEZETRAP_OUT", out.to_str().unwrap());
     set_default("FREEZETRAP_REPORT", "report.jsonl");
+    set_default("FREEZETRAP_STALL", "300ms");
     let ft = freezetrap::init_from_env();
 
     eprintln!(
@@ -63,7 +69,9 @@ fn main() {
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
+                    let hb = freezetrap::Heartbeat::new(&format!("worker-{i}"));
                     while !stop.load(Ordering::Relaxed) {
+                        hb.beat();
                         let reply = format!(
                             "request {} served by worker-{i}",
                             served.load(Ordering::Relaxed)
@@ -81,12 +89,16 @@ fn main() {
     let indexer = std::thread::Builder::new()
         .name("indexer".into())
         .spawn(move || {
+            let hb = freezetrap::Heartbeat::new("indexer");
             let mut index = HashMap::new();
-            index_documents(&mut index, 0, keys);
+            index_documents(&mut index, 0, keys, &hb);
+            hb.beat(); // done: the last resize's stall ends here
             index.len()
         })
         .unwrap();
     let n = indexer.join().unwrap();
+    // Give the watchdog a tick to notice the last stall ended and print its report.
+    std::thread::sleep(std::time::Duration::from_millis(400));
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
