@@ -5,7 +5,10 @@ const README: &str = include_str!("../README.md");
 
 #[test]
 fn every_env_var_is_in_the_readme_table_with_its_default() {
-    for v in freezetrap::alloc_guard::config::ENV_VARS.iter().chain(freezetrap::watchdog::config::ENV_VARS) {
+    for v in freezetrap::alloc_guard::config::ENV_VARS
+        .iter()
+        .chain(freezetrap::watchdog::config::ENV_VARS)
+    {
         let row = README
             .lines()
             .find(|l| l.starts_with(&format!("| `{}` |", v.name)))
