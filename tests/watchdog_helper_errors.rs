@@ -142,6 +142,33 @@ fn a_world_writable_helper_is_refused() {
 }
 
 #[test]
+fn a_helper_owned_by_another_user_is_refused() {
+    if common::role().is_some() {
+        return;
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIPPED a_helper_owned_by_another_user_is_refused: needs root to chown the helper"
+        );
+        return;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let dir = common::TempDir::new("owner");
+    let p = common::write_helper(dir.path(), "h.sh", "exit 0");
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    assert_eq!(
+        unsafe { libc::chown(c.as_ptr(), 65534, 65534) },
+        0,
+        "chown to nobody"
+    );
+    assert_refused(
+        &p,
+        dir,
+        "it is owned by uid 65534, neither root nor us (uid 0)",
+    );
+}
+
+#[test]
 fn a_relative_helper_path_is_refused() {
     if common::role().is_some() {
         return;

@@ -168,22 +168,12 @@ impl Drop for Launcher {
     }
 }
 
-/// Writes the decimal digits of `v` into `out` (NUL-terminated); returns the length.
+/// Writes the decimal digits of `v` into `out`, NUL-terminated.
 fn put_digits(v: u64, out: &mut [u8; 24]) {
     let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    let mut v = v;
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    let n = tmp.len() - i;
-    out[..n].copy_from_slice(&tmp[i..]);
-    out[n] = 0;
+    let d = crate::trigger::digits(v, &mut tmp);
+    out[..d.len()].copy_from_slice(d);
+    out[d.len()] = 0;
 }
 
 fn reply(fd: libc::c_int, r: Response) {

@@ -198,6 +198,7 @@ impl ProcSnapshot {
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
+    // (The inverse, integer to digits without allocating, is `trigger::digits`.)
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -218,17 +219,7 @@ fn read_task_file(tid: u64, file: &[u8], out: &mut [u8]) -> usize {
     };
     push(b"/proc/self/task/");
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut v = tid;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    push(&digits[i..]);
+    push(crate::trigger::digits(tid, &mut digits));
     push(b"/");
     push(file);
     // `path` is zero-initialised and at most 63 bytes are written, so it is NUL-terminated.

@@ -406,3 +406,44 @@ pub fn enforce_byte_cap(out_dir: &Path, max_bytes: u64) -> std::io::Result<u64> 
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_cap_deletes_the_oldest_capture_directories_first() {
+        let root = std::env::temp_dir().join(format!("freezetrap-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (i, name) in ["stall-1-9", "stall-2-9", "stall-3-9"].iter().enumerate() {
+            let d = root.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("offcpu.folded"), vec![b'x'; 1000]).unwrap();
+            // Distinct modification times, oldest first.
+            let t = std::time::SystemTime::now() - Duration::from_secs(100 - i as u64 * 10);
+            std::fs::File::open(&d).unwrap().set_modified(t).unwrap();
+        }
+        std::fs::write(root.join("report.jsonl"), vec![b'y'; 5000]).unwrap(); // not a capture: kept
+        let removed = enforce_byte_cap(&root, 2000).unwrap();
+        assert_eq!(removed, 1000);
+        assert!(!root.join("stall-1-9").exists());
+        assert!(root.join("stall-2-9").exists() && root.join("stall-3-9").exists());
+        assert!(root.join("report.jsonl").exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn helper_validation_reasons() {
+        assert_eq!(
+            validate_helper(Path::new("rel/path")).unwrap_err(),
+            "it is not an absolute path"
+        );
+        assert!(validate_helper(Path::new("/"))
+            .unwrap_err()
+            .contains("not a regular file"));
+        assert!(
+            validate_helper(Path::new("/bin/sh")).is_ok(),
+            "a root-owned 0755 binary is fine"
+        );
+    }
+}
