@@ -25,6 +25,8 @@
 
 usdt::dtrace_provider!("freezetrap.d");
 
+pub mod capture;
+
 /// The provider name every probe lives under (`usdt:BINARY:freezetrap:PROBE`).
 pub const PROVIDER: &str = "freezetrap";
 

@@ -1,0 +1,283 @@
+//! Turning bpftrace's JSON map dump into folded stacks, a flame graph and `summary.json`.
+//! Pure functions: tested without bpftrace, a kernel or root.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).
+pub const CAPTURE_BT: &str = include_str!("../../bpftrace/capture.bt");
+
+/// The maps bpftrace printed, by name (`@off` ...), each a map from its key text to a value.
+pub type Maps = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Parses bpftrace `-f json` output: one JSON object per line; keeps `{"type":"map"}` lines.
+pub fn parse_maps(output: &str) -> Maps {
+    let mut maps = Maps::new();
+    for line in output.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["type"] != "map" {
+            continue;
+        }
+        if let Some(data) = v["data"].as_object() {
+            for (name, entries) in data {
+                let m = maps.entry(name.clone()).or_default();
+                if let Some(obj) = entries.as_object() {
+                    for (k, val) in obj {
+                        if let Some(n) = val.as_u64() {
+                            *m.entry(k.clone()).or_insert(0) += n;
+                        }
+                    }
+                } else if let Some(n) = entries.as_u64() {
+                    m.insert(String::new(), n);
+                }
+            }
+        }
+    }
+    maps
+}
+
+/// Removes a legacy Rust symbol hash (`::h0123456789abcdef`) and the `+offset`.
+fn clean_symbol(sym: &str) -> String {
+    let sym = sym.split('+').next().unwrap_or(sym);
+    let sym = match sym.rfind("::h") {
+        Some(i) if sym.len() - i == 19 && sym[i + 3..].chars().all(|c| c.is_ascii_hexdigit()) => {
+            &sym[..i]
+        }
+        _ => sym,
+    };
+    sym.replace(';', ":")
+}
+
+/// Kernel frames of a bpftrace kstack text, innermost first (`func+off` per line).
+pub fn kernel_frames(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(clean_symbol)
+        .collect()
+}
+
+/// User frames of a `ustack(perf)` text (`addr sym+off (module)` per line), innermost first.
+/// Unresolved frames keep their address.
+pub fn user_frames(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut parts = l.splitn(2, ' ');
+            let addr = parts.next().unwrap_or("");
+            let rest = parts.next().unwrap_or("");
+            let sym = rest
+                .rsplit_once(" (")
+                .map(|(s, _)| s)
+                .unwrap_or(rest)
+                .trim();
+            if sym.is_empty() || sym == "[unknown]" {
+                format!("0x{addr}")
+            } else {
+                clean_symbol(sym)
+            }
+        })
+        .collect()
+}
+
+/// Splits a `comm, kstack, ustack` key (bpftrace joins key parts with `,\n`).
+pub fn split_key(key: &str) -> (String, Vec<String>, Vec<String>) {
+    let mut parts = key.splitn(3, ",\n");
+    let comm = parts.next().unwrap_or("").trim().to_string();
+    let k = parts.next().map(kernel_frames).unwrap_or_default();
+    let u = parts.next().map(user_frames).unwrap_or_default();
+    (comm, k, u)
+}
+
+/// Brendan Gregg's folded format: `comm;user outermost..innermost;kernel outer..inner_[k] value`,
+/// one line per stack, sorted, equal stacks merged.
+pub fn folded(map: Option<&BTreeMap<String, u64>>) -> Vec<String> {
+    let mut acc: BTreeMap<String, u64> = BTreeMap::new();
+    for (key, v) in map.into_iter().flatten() {
+        let (comm, k, u) = split_key(key);
+        let mut frames = vec![if comm.is_empty() {
+            "?".to_string()
+        } else {
+            comm.replace(' ', "_")
+        }];
+        frames.extend(u.iter().rev().cloned());
+        frames.extend(k.iter().rev().map(|f| format!("{f}_[k]")));
+        *acc.entry(frames.join(";")).or_insert(0) += v;
+    }
+    acc.into_iter().map(|(s, v)| format!("{s} {v}")).collect()
+}
+
+/// One blocking stack in the summary.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Blocking {
+    /// The folded stack.
+    pub stack: String,
+    /// Microseconds off CPU.
+    pub us: u64,
+}
+
+/// The mmap_lock part of the summary.
+#[derive(Debug, Serialize, Default, PartialEq, Eq)]
+pub struct MmapLock {
+    /// Longest wait for the lock, µs.
+    pub max_wait_us: u64,
+    /// Longest write hold, µs.
+    pub max_write_hold_us: u64,
+    /// Kernel stack (outermost first) that released the longest write hold.
+    pub holder_stack: String,
+    /// Thread names that waited at least 1 ms.
+    pub waiters: u64,
+}
+
+/// `summary.json` (contract fields plus `oncpu_samples`).
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Target pid.
+    pub pid: u32,
+    /// Recording length, seconds.
+    pub duration_s: u64,
+    /// Total off-CPU time recorded, µs.
+    pub offcpu_total_us: u64,
+    /// Heaviest off-CPU stacks, heaviest first (at most 10).
+    pub top_blocking: Vec<Blocking>,
+    /// mmap_lock waits and holds.
+    pub mmap_lock: MmapLock,
+    /// On-CPU samples recorded.
+    pub oncpu_samples: u64,
+}
+
+/// Builds the summary from the maps.
+pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
+    let off = folded(maps.get("@off"));
+    let mut blocking: Vec<Blocking> = off
+        .iter()
+        .filter_map(|l| {
+            l.rsplit_once(' ').map(|(s, v)| Blocking {
+                stack: s.to_string(),
+                us: v.parse().unwrap_or(0),
+            })
+        })
+        .collect();
+    let offcpu_total_us = blocking.iter().map(|b| b.us).sum();
+    blocking.sort_by(|a, b| b.us.cmp(&a.us));
+    blocking.truncate(10);
+    let mut lock = MmapLock::default();
+    if let Some(w) = maps.get("@lock_wait_max_us") {
+        lock.max_wait_us = w.values().copied().max().unwrap_or(0);
+        lock.waiters = w.values().filter(|&&v| v >= 1000).count() as u64;
+    }
+    if let Some(h) = maps.get("@write_hold_us") {
+        if let Some((key, &v)) = h.iter().max_by_key(|(_, &v)| v) {
+            lock.max_write_hold_us = v;
+            let (_, mut k, _) = split_key(key);
+            // The innermost frames are the tracepoint's own helpers, not the holder.
+            k.retain(|f| !f.contains("mmap_lock_do_trace"));
+            lock.holder_stack = k.iter().rev().cloned().collect::<Vec<_>>().join(";");
+        }
+    }
+    let oncpu_samples = maps.get("@on").map(|m| m.values().sum()).unwrap_or(0);
+    Summary {
+        pid,
+        duration_s,
+        offcpu_total_us,
+        top_blocking: blocking,
+        mmap_lock: lock,
+        oncpu_samples,
+    }
+}
+
+/// The one-paragraph human summary printed on stdout.
+pub fn human(s: &Summary) -> String {
+    let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
+    let mut out = format!(
+        "freezetrap-capture: pid {} for {} s: {} off CPU",
+        s.pid,
+        s.duration_s,
+        ms(s.offcpu_total_us)
+    );
+    if s.mmap_lock.max_write_hold_us > 0 {
+        let holder: Vec<&str> = s.mmap_lock.holder_stack.rsplit(';').take(3).collect();
+        out.push_str(&format!(
+            "; mmap_lock held for write {} by {}; {} thread(s) waited up to {}",
+            ms(s.mmap_lock.max_write_hold_us),
+            holder.join(" <- "),
+            s.mmap_lock.waiters,
+            ms(s.mmap_lock.max_wait_us)
+        ));
+    }
+    if let Some(b) = s.top_blocking.first() {
+        let tail: Vec<&str> = b.stack.rsplit(';').take(3).collect();
+        out.push_str(&format!(
+            "; top blocking stack ({}): {}",
+            ms(b.us),
+            tail.join(" <- ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{"type": "attached_probes", "data": {"probes": 6}}
+{"type": "map", "data": {"@off": {"mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10}}}
+{"type": "map", "data": {"@lock_wait_max_us": {"mmapper-0": 50400, "mmapper-1": 900}}}
+{"type": "map", "data": {"@write_hold_us": {"app,\n    mmap_write_unlock+10\n    dup_mmap+900\n    copy_process+2000\n    kernel_clone+100\n": 48800}}}
+{"type": "map", "data": {"@on": {"app,\n    x+1\n,\n": 7}}}
+"#;
+
+    #[test]
+    fn folded_lines_go_outermost_first_with_kernel_marks() {
+        let maps = parse_maps(SAMPLE);
+        let f = folded(maps.get("@off"));
+        assert_eq!(f.len(), 2);
+        assert!(f.contains(&"mmapper-0;my_app::worker;mmap64;vm_mmap_pgoff_[k];rwsem_down_write_slowpath_[k];schedule_[k];__schedule_[k] 48000".to_string()), "{f:#?}");
+        assert!(
+            f.iter()
+                .any(|l| l.starts_with("main;0x7f01;__schedule_[k] ")),
+            "{f:#?}"
+        );
+    }
+
+    #[test]
+    fn summary_has_the_contract_fields_and_reads_like_a_sentence() {
+        let s = summarize(42, 10, &parse_maps(SAMPLE));
+        assert_eq!(s.offcpu_total_us, 48010);
+        assert_eq!(s.top_blocking[0].us, 48000);
+        assert_eq!(s.mmap_lock.max_wait_us, 50400);
+        assert_eq!(s.mmap_lock.max_write_hold_us, 48800);
+        assert_eq!(s.mmap_lock.waiters, 1);
+        assert_eq!(
+            s.mmap_lock.holder_stack,
+            "kernel_clone;copy_process;dup_mmap;mmap_write_unlock"
+        );
+        assert_eq!(s.oncpu_samples, 7);
+        let j = serde_json::to_value(&s).unwrap();
+        for k in [
+            "pid",
+            "duration_s",
+            "offcpu_total_us",
+            "top_blocking",
+            "mmap_lock",
+        ] {
+            assert!(j.get(k).is_some(), "{k}");
+        }
+        assert_eq!(
+            human(&s),
+            "freezetrap-capture: pid 42 for 10 s: 48.0 ms off CPU; mmap_lock held for write 48.8 ms by mmap_write_unlock <- dup_mmap <- copy_process; 1 thread(s) waited up to 50.4 ms; top blocking stack (48.0 ms): __schedule_[k] <- schedule_[k] <- rwsem_down_write_slowpath_[k]"
+        );
+    }
+
+    #[test]
+    fn the_embedded_program_is_the_file() {
+        assert!(CAPTURE_BT.contains("tracepoint:sched:sched_switch"));
+        assert!(
+            !CAPTURE_BT.contains("kprobe:"),
+            "this kernel has no kprobes"
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! freezetrap-capture end to end: a real mmap_lock freeze (a process with 1 GiB resident forks
+//! while its threads mmap) recorded by the real bpftrace, and every error exit.
+
+use std::process::Command;
+use std::time::Duration;
+
+const EXE: &str = env!("CARGO_BIN_EXE_freezetrap-capture");
+
+fn ebpf_or_skip(test: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let bpftrace = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("bpftrace").is_file()))
+        .unwrap_or(false);
+    if root && bpftrace {
+        return true;
+    }
+    let why = if !root {
+        "not root"
+    } else {
+        "bpftrace not installed (apt-get install bpftrace)"
+    };
+    if std::env::var("FREEZETRAP_REQUIRE_EBPF").as_deref() == Ok("1") {
+        panic!("freezetrap: {test} needs eBPF but {why}, and FREEZETRAP_REQUIRE_EBPF=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {why} (set FREEZETRAP_REQUIRE_EBPF=1 to make this a failure)");
+    false
+}
+
+/// The target: 1 GiB resident, three threads that mmap, and a fork every 400 ms.
+#[test]
+fn child_forker() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").as_deref() != Ok("forker") {
+        return;
+    }
+    let mut big = vec![0u8; 1 << 30];
+    for i in (0..big.len()).step_by(4096) {
+        big[i] = 1;
+    }
+    for i in 0..3 {
+        std::thread::Builder::new()
+            .name(format!("mmapper-{i}"))
+            .spawn(|| loop {
+                // SAFETY: a fresh private anonymous mapping, touched and unmapped.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        1 << 16,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    *(p as *mut u8) = 1;
+                    libc::munmap(p, 1 << 16);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            })
+            .unwrap();
+    }
+    println!("READY");
+    loop {
+        std::thread::sleep(Duration::from_millis(400));
+        // SAFETY: the child only calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe { libc::_exit(0) };
+        }
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        std::hint::black_box(&big);
+    }
+}
+
+#[test]
+fn a_fork_freeze_is_captured_with_its_holder_and_waiters() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !ebpf_or_skip("a_fork_freeze_is_captured_with_its_holder_and_waiters")
+    {
+        return;
+    }
+    use std::io::BufRead;
+    let mut target = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_forker", "--nocapture", "--test-threads=1"])
+        .env("FREEZETRAP_TEST_ROLE", "forker")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(target.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.map(|l| l.contains("READY")).unwrap_or(false)),
+        "target did not start"
+    );
+    let out_dir =
+        std::env::temp_dir().join(format!("freezetrap-capture-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(EXE)
+        .args([
+            "--pid",
+            &target.id().to_string(),
+            "--tid",
+            "0",
+            "--stall-id",
+            "1",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .args(["--duration", "3"])
+        .output()
+        .unwrap();
+    let _ = target.kill();
+    let _ = target.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("freezetrap-capture: recording"), "{stderr}");
+    eprintln!("{stdout}");
+
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("summary.json")).unwrap()).unwrap();
+    let lock = &summary["mmap_lock"];
+    assert!(
+        lock["max_write_hold_us"].as_u64().unwrap() >= 1000,
+        "a fork holds the lock for ms: {summary:#}"
+    );
+    assert!(
+        lock["holder_stack"].as_str().unwrap().contains("dup_mmap"),
+        "{summary:#}"
+    );
+    assert!(lock["waiters"].as_u64().unwrap() >= 1, "{summary:#}");
+    assert!(summary["offcpu_total_us"].as_u64().unwrap() > 0);
+    assert!(
+        stdout.contains("mmap_lock held for write") && stdout.contains("dup_mmap"),
+        "{stdout}"
+    );
+
+    let off = std::fs::read_to_string(out_dir.join("offcpu.folded")).unwrap();
+    assert!(
+        off.lines().any(|l| l.starts_with("mmapper-")),
+        "thread names in the folded stacks:\n{off}"
+    );
+    assert!(
+        off.contains("rwsem_down_"),
+        "waiters blocked in an rwsem slow path:\n{off}"
+    );
+    for l in off.lines() {
+        let (stack, v) = l.rsplit_once(' ').expect("folded: stack value");
+        assert!(!stack.is_empty() && v.parse::<u64>().is_ok(), "{l}");
+    }
+    assert!(std::fs::metadata(out_dir.join("oncpu.folded")).is_ok());
+
+    let svg = std::fs::read_to_string(out_dir.join("offcpu.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.len() > 1000);
+    let mut reader = quick_xml::Reader::from_str(&svg);
+    let mut elements = 0;
+    loop {
+        match reader.read_event() {
+            Ok(quick_xml::events::Event::Eof) => break,
+            Ok(quick_xml::events::Event::Start(_)) => elements += 1,
+            Ok(_) => {}
+            Err(e) => panic!(
+                "offcpu.svg is not well-formed XML at {}: {e}",
+                reader.buffer_position()
+            ),
+        }
+    }
+    assert!(elements > 10);
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(EXE).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn each_error_has_its_message_and_exit_code() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let tmp = std::env::temp_dir().join(format!("freezetrap-capture-err-{me}"));
+    let tmp = tmp.to_str().unwrap();
+
+    let (c, e) = run(&["--out", tmp]);
+    assert_eq!(c, 2, "{e}");
+    assert!(
+        e.starts_with("freezetrap-capture: --pid is required: usage: freezetrap-capture --pid P"),
+        "{e}"
+    );
+
+    let (c, e) = run(&[
+        "--pid",
+        &me,
+        "--out",
+        tmp,
+        "--duration",
+        "1",
+        "--bpftrace",
+        "/nonexistent/bpftrace",
+    ]);
+    assert_eq!(c, 3, "{e}");
+    assert_eq!(e.trim(), "freezetrap-capture: bpftrace not found: install it (apt-get install bpftrace) or pass --bpftrace PATH");
+
+    if unsafe { libc::geteuid() } != 0 {
+        let (c, e) = run(&[
+            "--pid",
+            &me,
+            "--out",
+            tmp,
+            "--duration",
+            "1",
+            "--bpftrace",
+            "/bin/true",
+        ]);
+        assert_eq!(c, 4, "{e}");
+        assert!(e.contains("not permitted"), "{e}");
+        eprintln!(
+            "SKIPPED the target-gone and not-writable cases: they are checked after the root check"
+        );
+        return;
+    }
+    eprintln!("SKIPPED the not-root case: running as root");
+    if !std::path::Path::new("/sys/kernel/tracing/events").exists() {
+        let (c, e) = run(&[
+            "--pid",
+            &me,
+            "--out",
+            tmp,
+            "--duration",
+            "1",
+            "--bpftrace",
+            "/bin/true",
+        ]);
+        assert_eq!(c, 5, "{e}");
+        assert!(
+            e.contains("mount -t tracefs nodev /sys/kernel/tracing"),
+            "{e}"
+        );
+        return;
+    }
+    eprintln!("SKIPPED the tracefs-not-mounted case: tracefs is mounted");
+
+    let (c, e) = run(&[
+        "--pid",
+        "999999999",
+        "--out",
+        tmp,
+        "--duration",
+        "1",
+        "--bpftrace",
+        "/bin/true",
+    ]);
+    assert_eq!(c, 6, "{e}");
+    assert_eq!(e.trim(), "freezetrap-capture: target pid 999999999 is gone");
+
+    let (c, e) = run(&[
+        "--pid",
+        &me,
+        "--out",
+        "/proc/1/nope",
+        "--duration",
+        "1",
+        "--bpftrace",
+        "/bin/true",
+    ]);
+    assert_eq!(c, 7, "{e}");
+    assert!(
+        e.starts_with("freezetrap-capture: output directory /proc/1/nope is not writable: "),
+        "{e}"
+    );
+
+    // bpftrace that produces nothing (here: /bin/true) is a clear failure, not an empty capture.
+    let (c, e) = run(&[
+        "--pid",
+        &me,
+        "--out",
+        tmp,
+        "--duration",
+        "1",
+        "--bpftrace",
+        "/bin/true",
+    ]);
+    assert_eq!(c, 8, "{e}");
+    assert!(
+        e.starts_with("freezetrap-capture: bpftrace produced no data"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(tmp);
+}
