@@ -7,9 +7,14 @@
 //! cargo run --release --example freeze_demo              # defaults: ~30M keys, ~1 GiB table
 //! cargo run --release --example freeze_demo -- 58720257  # the incident's size (~3.5 GB table)
 //! ```
-//! The indexer and the workers beat heartbeats, so the watchdog (`FREEZETRAP_STALL`, 300 ms
-//! here) reports the resize's stall while it happens and names the large allocation behind it.
-//! The eBPF capture helper (`freezetrap-capture`) is the next step (issue #4).
+//! The indexer and the workers beat heartbeats, so the watchdog (`FREEZETRAP_STALL`, 25 ms here)
+//! reports the resize's stall while it happens and names the large allocation behind it. Then the
+//! service "snapshots" its index the way Redis' BGSAVE does — `fork()` while holding ~1 GiB —
+//! which holds the mmap_lock for write while the workers' mmaps wait: a process-wide freeze.
+//!
+//! As root with bpftrace installed, this binary is also its own capture helper
+//! (`FREEZETRAP_CAPTURE` points at itself; run with `--pid ...` it is `freezetrap-capture`), so
+//! each stall gets an off-CPU flame graph and an mmap_lock summary while it is going on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,7 +47,65 @@ fn set_default(var: &str, value: &str) {
     }
 }
 
-fn main() {
+fn have_ebpf() -> bool {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bpftrace = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("bpftrace").is_file()));
+    root && bpftrace
+}
+
+/// The workers' request loop: small allocations and an mmap per request (as a service reading
+/// files or growing buffers does), with a heartbeat per request.
+fn serve(i: usize, stop: Arc<AtomicBool>, served: Arc<AtomicU64>) {
+    let hb = freezetrap::Heartbeat::new(&format!("worker-{i}"));
+    while !stop.load(Ordering::Relaxed) {
+        hb.beat();
+        let reply = format!(
+            "request {} served by worker-{i}",
+            served.load(Ordering::Relaxed)
+        );
+        std::hint::black_box(reply);
+        // SAFETY: a private anonymous mapping, touched and unmapped.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                1 << 16,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p != libc::MAP_FAILED {
+                *(p as *mut u8) = 1;
+                libc::munmap(p, 1 << 16);
+            }
+        }
+        served.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Snapshotting the index like BGSAVE: fork, let the child "write" it, wait.
+fn snapshot(index_len: usize) -> f64 {
+    let t = Instant::now();
+    // SAFETY: the child only calls _exit (async-signal-safe).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    let forked = t.elapsed().as_secs_f64() * 1e3;
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    let _ = index_len;
+    forked
+}
+
+fn main() -> std::process::ExitCode {
+    // Run as `freeze_demo --pid ...`, this binary is the capture helper.
+    if std::env::args().nth(1).as_deref() == Some("--pid") {
+        return probes::capture::cli::run(std::env::args().skip(1));
+    }
     let keys: u64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
@@ -50,16 +113,27 @@ fn main() {
     let out = std::env::current_dir()
         .unwrap()
         .join("target/freezetrap-demo");
-    set_default("FREEZETRAP_ALLOC_THRESHOLD", "256MiB");
+    let _ = std::fs::remove_dir_all(&out); // each run starts clean
+    set_default("FREEZETRAP_ALLOC_THRESHOLD", "64MiB");
     set_default("FREEZETRAP_OUT", out.to_str().unwrap());
     set_default("FREEZETRAP_REPORT", "report.jsonl");
-    set_default("FREEZETRAP_STALL", "300ms");
+    set_default("FREEZETRAP_STALL", "25ms");
+    let ebpf = have_ebpf();
+    if ebpf {
+        let me = std::env::current_exe().unwrap();
+        set_default("FREEZETRAP_CAPTURE", me.to_str().unwrap());
+        set_default("FREEZETRAP_CAPTURE_DURATION", "3s");
+        set_default("FREEZETRAP_CAPTURE_COOLDOWN", "1s");
+    }
     let ft = freezetrap::init_from_env();
 
     eprintln!(
         "demo: indexing {keys} documents into a HashMap<u64, u64> (threshold {:?} bytes)",
         freezetrap::alloc_guard::threshold()
     );
+    if !ebpf {
+        eprintln!("demo: no eBPF capture: run as root with bpftrace installed (apt-get install bpftrace) for flame graphs and the mmap_lock summary");
+    }
     // Workers serve small requests meanwhile, as the incident's service did.
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
@@ -68,19 +142,7 @@ fn main() {
             let (stop, served) = (stop.clone(), served.clone());
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .spawn(move || {
-                    let hb = freezetrap::Heartbeat::new(&format!("worker-{i}"));
-                    while !stop.load(Ordering::Relaxed) {
-                        hb.beat();
-                        let reply = format!(
-                            "request {} served by worker-{i}",
-                            served.load(Ordering::Relaxed)
-                        );
-                        std::hint::black_box(reply);
-                        served.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                })
+                .spawn(move || serve(i, stop, served))
                 .unwrap()
         })
         .collect();
@@ -93,12 +155,20 @@ fn main() {
             let mut index = HashMap::new();
             index_documents(&mut index, 0, keys, &hb);
             hb.beat(); // done: the last resize's stall ends here
-            index.len()
+            index
         })
         .unwrap();
-    let n = indexer.join().unwrap();
+    let index = indexer.join().unwrap();
+    let n = index.len();
     // Give the watchdog a tick to notice the last stall ended and print its report.
     std::thread::sleep(std::time::Duration::from_millis(400));
+    eprintln!("demo: indexed {n} documents in {:.1} s; now snapshotting the index (fork with ~1 GiB resident)", started.elapsed().as_secs_f64());
+    for round in 0..3 {
+        let ms = snapshot(n);
+        eprintln!("demo: snapshot {round}: fork took {ms:.1} ms");
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
+    drop(index);
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
@@ -106,8 +176,12 @@ fn main() {
     if let Some(r) = ft.reporter() {
         r.flush(std::time::Duration::from_secs(10));
     }
+    if ebpf {
+        // Let the last capture finish (its duration is 3 s).
+        std::thread::sleep(std::time::Duration::from_millis(3500));
+    }
     eprintln!(
-        "demo: indexed {n} documents in {:.1} s; workers served {} requests",
+        "demo: done in {:.1} s; workers served {} requests",
         started.elapsed().as_secs_f64(),
         served.load(Ordering::Relaxed)
     );
@@ -117,4 +191,25 @@ fn main() {
         }
         other => eprintln!("demo: JSON report: {other:?}"),
     }
+    let mut caps: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("helper.log").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    caps.sort();
+    for c in &caps {
+        let log = std::fs::read_to_string(c.join("helper.log")).unwrap_or_default();
+        let line = log
+            .lines()
+            .find(|l| l.starts_with("freezetrap-capture: pid"))
+            .unwrap_or("(no summary)");
+        eprintln!("demo: capture {}: {}", c.display(), line);
+        if c.join("offcpu.svg").exists() {
+            eprintln!("demo:   flame graph: {}", c.join("offcpu.svg").display());
+        }
+    }
+    std::process::ExitCode::SUCCESS
 }

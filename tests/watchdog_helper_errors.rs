@@ -56,6 +56,7 @@ fn run_with_helper(helper: &std::path::Path, dir: common::TempDir, linger_ms: u6
     cmd.env("FREEZETRAP_STALL", "150ms")
         .env("FREEZETRAP_CAPTURE", helper)
         .env("FREEZETRAP_CAPTURE_DURATION", "1s")
+        .env("FREEZETRAP_CAPTURE_GRACE", "2s")
         .env("FREEZETRAP_OUT", &out_dir)
         .env("FREEZETRAP_REPORT", "report.jsonl")
         .env("FT_LINGER_MS", linger_ms.to_string());

@@ -38,7 +38,13 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "FREEZETRAP_CAPTURE_DURATION",
         value: "duration",
         default: "10s",
-        effect: "the helper's `--duration`; it is killed 2 s after that",
+        effect: "the helper's `--duration`",
+    },
+    EnvVar {
+        name: "FREEZETRAP_CAPTURE_GRACE",
+        value: "duration",
+        default: "10s",
+        effect: "how long past its duration the helper may run (attach, write outputs) before it is killed",
     },
     EnvVar {
         name: "FREEZETRAP_CAPTURE_COOLDOWN",
@@ -76,6 +82,9 @@ pub struct CaptureConfig {
     pub max_per_hour: u32,
     /// Total bytes of capture directories kept.
     pub max_bytes: u64,
+    /// How long past `duration` the helper may run (attaching, writing its outputs) before it
+    /// is killed.
+    pub grace: Duration,
 }
 
 /// Everything the watchdog needs. [`WatchdogConfig::new`] holds the defaults.
@@ -114,6 +123,7 @@ impl WatchdogConfig {
             cooldown: Duration::from_secs(60),
             max_per_hour: 10,
             max_bytes: 1 << 30,
+            grace: Duration::from_secs(10),
         });
         self
     }
@@ -150,6 +160,9 @@ impl WatchdogConfig {
             let c = cfg.capture.as_mut().expect("just set");
             if let Some(d) = env_duration("FREEZETRAP_CAPTURE_DURATION") {
                 c.duration = d.max(Duration::from_secs(1));
+            }
+            if let Some(d) = env_duration("FREEZETRAP_CAPTURE_GRACE") {
+                c.grace = d;
             }
             if let Some(d) = env_duration("FREEZETRAP_CAPTURE_COOLDOWN") {
                 c.cooldown = d;

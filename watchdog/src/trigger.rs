@@ -12,7 +12,6 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::Duration;
 
 /// Checks that `path` is safe to run as root-adjacent tooling: absolute, a regular executable
 /// file, not writable by group or others, owned by root or by us.
@@ -286,7 +285,7 @@ impl Trigger {
             self.starts[self.starts_len] = now_ns;
             self.starts_len += 1;
         }
-        let grace = Duration::from_secs(2).as_nanos() as u64;
+        let grace = self.cfg.grace.as_nanos() as u64;
         self.running = Some(Running {
             pid: 0,
             stall_id,
@@ -420,7 +419,8 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("offcpu.folded"), vec![b'x'; 1000]).unwrap();
             // Distinct modification times, oldest first.
-            let t = std::time::SystemTime::now() - Duration::from_secs(100 - i as u64 * 10);
+            let t =
+                std::time::SystemTime::now() - std::time::Duration::from_secs(100 - i as u64 * 10);
             std::fs::File::open(&d).unwrap().set_modified(t).unwrap();
         }
         std::fs::write(root.join("report.jsonl"), vec![b'y'; 5000]).unwrap(); // not a capture: kept

@@ -2,6 +2,8 @@
 //! Pure functions: tested without bpftrace, a kernel or root.
 
 use serde::Serialize;
+
+pub mod cli;
 use std::collections::BTreeMap;
 
 /// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).
