@@ -110,10 +110,16 @@ fn main() -> std::process::ExitCode {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_KEYS);
-    let out = std::env::current_dir()
-        .unwrap()
-        .join("target/freezetrap-demo");
-    let _ = std::fs::remove_dir_all(&out); // each run starts clean
+    let out = match std::env::var_os("FREEZETRAP_OUT") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => {
+            let d = std::env::current_dir()
+                .unwrap()
+                .join("target/freezetrap-demo");
+            let _ = std::fs::remove_dir_all(&d); // each default run starts clean
+            d
+        }
+    };
     set_default("FREEZETRAP_ALLOC_THRESHOLD", "64MiB");
     set_default("FREEZETRAP_OUT", out.to_str().unwrap());
     set_default("FREEZETRAP_REPORT", "report.jsonl");
