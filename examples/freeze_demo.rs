@@ -6,6 +6,7 @@
 //! ```sh
 //! cargo run --release --example freeze_demo              # defaults: ~30M keys, ~1 GiB table
 //! cargo run --release --example freeze_demo -- 58720257  # the incident's size (~3.5 GB table)
+//! cargo run --release --example freeze_demo_fixed        # the fix: with_capacity up front
 //! ```
 //! The indexer and the workers beat heartbeats, so the watchdog (`FREEZETRAP_STALL`, 25 ms here)
 //! reports the resize's stall while it happens and names the large allocation behind it. Then the
@@ -31,7 +32,12 @@ const DEFAULT_KEYS: u64 = (1 << 25) / 8 * 7 + 1;
 /// The index: document id -> offset, grown one insert at a time, as the incident's service did.
 /// The indexer beats its heartbeat every 4096 documents: a resize that takes seconds is a stall.
 #[inline(never)]
-fn index_documents(index: &mut HashMap<u64, u64>, from: u64, to: u64, hb: &freezetrap::Heartbeat) {
+pub fn index_documents(
+    index: &mut HashMap<u64, u64>,
+    from: u64,
+    to: u64,
+    hb: &freezetrap::Heartbeat,
+) {
     for doc in from..to {
         if doc % 4096 == 0 {
             hb.beat();
@@ -101,14 +107,20 @@ fn snapshot(index_len: usize) -> f64 {
     forked
 }
 
+#[allow(dead_code)] // unused where this file is included as a module (freeze_demo_fixed, tests)
 fn main() -> std::process::ExitCode {
     // Run as `freeze_demo --pid ...`, this binary is the capture helper.
     if std::env::args().nth(1).as_deref() == Some("--pid") {
         return probes::capture::cli::run(std::env::args().skip(1));
     }
+    run(std::env::args().any(|a| a == "--fixed"))
+}
+
+/// The service. `fixed`: reserve the index's capacity up front, the incident's one-line fix.
+pub fn run(fixed: bool) -> std::process::ExitCode {
     let keys: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
+        .skip(1)
+        .find_map(|s| s.parse().ok())
         .unwrap_or(DEFAULT_KEYS);
     let out = match std::env::var_os("FREEZETRAP_OUT") {
         Some(dir) => std::path::PathBuf::from(dir),
@@ -134,7 +146,12 @@ fn main() -> std::process::ExitCode {
     let ft = freezetrap::init_from_env();
 
     eprintln!(
-        "demo: indexing {keys} documents into a HashMap<u64, u64> (threshold {:?} bytes)",
+        "demo: indexing {keys} documents into a HashMap<u64, u64>{} (threshold {:?} bytes)",
+        if fixed {
+            " reserved up front with with_capacity (the fix)"
+        } else {
+            ""
+        },
         freezetrap::alloc_guard::threshold()
     );
     if !ebpf {
@@ -158,7 +175,11 @@ fn main() -> std::process::ExitCode {
         .name("indexer".into())
         .spawn(move || {
             let hb = freezetrap::Heartbeat::new("indexer");
-            let mut index = HashMap::new();
+            let mut index = if fixed {
+                HashMap::with_capacity(keys as usize)
+            } else {
+                HashMap::new()
+            };
             index_documents(&mut index, 0, keys, &hb);
             hb.beat(); // done: the last resize's stall ends here
             index

@@ -40,8 +40,8 @@ struct Watched {
     /// Beats before this time do not count as stale (set after a process stall, which froze
     /// every heartbeat thread for a reason already reported).
     floor_ns: u64,
-    /// The open stall: id and start (the last beat).
-    stall: Option<(u64, u64)>,
+    /// The open stall: id, start (the last beat) and when it was detected.
+    stall: Option<(u64, u64, u64)>,
 }
 
 /// What the loop mutates, in one fork-proof block.
@@ -189,7 +189,7 @@ impl Detector {
                     if let Some(rec) = open[i].take() {
                         end_stall(&self.out, trigger.as_ref(), rec, now); // unregistered while stalled
                     }
-                    if let Some((id, start)) = w.stall.take() {
+                    if let Some((id, start, _)) = w.stall.take() {
                         probes::stall_end(id, now.saturating_sub(start));
                     }
                     *w = Watched {
@@ -200,12 +200,15 @@ impl Detector {
                     continue;
                 }
                 let last = slot.last_ns.load(Ordering::Relaxed).max(w.floor_ns);
-                if let Some((id, start)) = w.stall {
+                if let Some((id, start, detected)) = w.stall {
                     // Progress (or an announced idle wait) ends the stall; it lasted until the
                     // first beat after it began.
                     let progressed = last > start;
                     if progressed || state != ACTIVE {
-                        let end = if progressed { last } else { now };
+                        // A beat that read the clock before the stall but stored after it (the
+                        // thread froze inside `beat`) must not shorten the stall below what was
+                        // already observed at detection.
+                        let end = if progressed { last.max(detected) } else { now };
                         match open[i].take() {
                             Some(mut rec) => {
                                 rec.duration_ns = end.saturating_sub(rec.start_ns);
@@ -226,7 +229,7 @@ impl Detector {
                     *next_id += 1;
                     let tid = slot.tid.load(Ordering::Relaxed);
                     probes::stall_begin(id, tid, age);
-                    w.stall = Some((id, last));
+                    w.stall = Some((id, last, now));
                     let capture = match trigger.as_mut() {
                         Some(t) => t.fire(id, tid, now),
                         None => CaptureStatus::NotConfigured,
