@@ -174,6 +174,20 @@ fn run(args: &[&str]) -> (i32, String) {
     )
 }
 
+/// Runs the helper for a one-second capture of `pid` into `out` with `bpftrace`.
+fn capture(pid: &str, out: &str, bpftrace: &str) -> (i32, String) {
+    run(&[
+        "--pid",
+        pid,
+        "--out",
+        out,
+        "--duration",
+        "1",
+        "--bpftrace",
+        bpftrace,
+    ])
+}
+
 #[test]
 fn each_error_has_its_message_and_exit_code() {
     if std::env::var("FREEZETRAP_TEST_ROLE").is_ok() {
@@ -190,30 +204,13 @@ fn each_error_has_its_message_and_exit_code() {
         "{e}"
     );
 
-    let (c, e) = run(&[
-        "--pid",
-        &me,
-        "--out",
-        tmp,
-        "--duration",
-        "1",
-        "--bpftrace",
-        "/nonexistent/bpftrace",
-    ]);
+    let (c, e) = capture(&me, tmp, "/nonexistent/bpftrace");
     assert_eq!(c, 3, "{e}");
     assert_eq!(e.trim(), "freezetrap-capture: bpftrace not found: install it (apt-get install bpftrace) or pass --bpftrace PATH");
 
+    // /bin/true stands in for bpftrace below: the checks run before bpftrace is started.
     if unsafe { libc::geteuid() } != 0 {
-        let (c, e) = run(&[
-            "--pid",
-            &me,
-            "--out",
-            tmp,
-            "--duration",
-            "1",
-            "--bpftrace",
-            "/bin/true",
-        ]);
+        let (c, e) = capture(&me, tmp, "/bin/true");
         assert_eq!(c, 4, "{e}");
         assert!(e.contains("not permitted"), "{e}");
         eprintln!(
@@ -223,16 +220,7 @@ fn each_error_has_its_message_and_exit_code() {
     }
     eprintln!("SKIPPED the not-root case: running as root");
     if !std::path::Path::new("/sys/kernel/tracing/events").exists() {
-        let (c, e) = run(&[
-            "--pid",
-            &me,
-            "--out",
-            tmp,
-            "--duration",
-            "1",
-            "--bpftrace",
-            "/bin/true",
-        ]);
+        let (c, e) = capture(&me, tmp, "/bin/true");
         assert_eq!(c, 5, "{e}");
         assert!(
             e.contains("mount -t tracefs nodev /sys/kernel/tracing"),
@@ -242,29 +230,11 @@ fn each_error_has_its_message_and_exit_code() {
     }
     eprintln!("SKIPPED the tracefs-not-mounted case: tracefs is mounted");
 
-    let (c, e) = run(&[
-        "--pid",
-        "999999999",
-        "--out",
-        tmp,
-        "--duration",
-        "1",
-        "--bpftrace",
-        "/bin/true",
-    ]);
+    let (c, e) = capture("999999999", tmp, "/bin/true");
     assert_eq!(c, 6, "{e}");
     assert_eq!(e.trim(), "freezetrap-capture: target pid 999999999 is gone");
 
-    let (c, e) = run(&[
-        "--pid",
-        &me,
-        "--out",
-        "/proc/1/nope",
-        "--duration",
-        "1",
-        "--bpftrace",
-        "/bin/true",
-    ]);
+    let (c, e) = capture(&me, "/proc/1/nope", "/bin/true");
     assert_eq!(c, 7, "{e}");
     assert!(
         e.starts_with("freezetrap-capture: output directory /proc/1/nope is not writable: "),
@@ -272,16 +242,7 @@ fn each_error_has_its_message_and_exit_code() {
     );
 
     // bpftrace that produces nothing (here: /bin/true) is a clear failure, not an empty capture.
-    let (c, e) = run(&[
-        "--pid",
-        &me,
-        "--out",
-        tmp,
-        "--duration",
-        "1",
-        "--bpftrace",
-        "/bin/true",
-    ]);
+    let (c, e) = capture(&me, tmp, "/bin/true");
     assert_eq!(c, 8, "{e}");
     assert!(
         e.starts_with("freezetrap-capture: bpftrace produced no data"),
