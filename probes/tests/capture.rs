@@ -1,30 +1,13 @@
 //! freezetrap-capture end to end: a real mmap_lock freeze (a process with 1 GiB resident forks
 //! while its threads mmap) recorded by the real bpftrace, and every error exit.
 
+mod common;
+
+use common::ebpf_or_skip;
 use std::process::Command;
 use std::time::Duration;
 
 const EXE: &str = env!("CARGO_BIN_EXE_freezetrap-capture");
-
-fn ebpf_or_skip(test: &str) -> bool {
-    let root = unsafe { libc::geteuid() } == 0;
-    let bpftrace = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("bpftrace").is_file()))
-        .unwrap_or(false);
-    if root && bpftrace {
-        return true;
-    }
-    let why = if !root {
-        "not root"
-    } else {
-        "bpftrace not installed (apt-get install bpftrace)"
-    };
-    if std::env::var("FREEZETRAP_REQUIRE_EBPF").as_deref() == Ok("1") {
-        panic!("freezetrap: {test} needs eBPF but {why}, and FREEZETRAP_REQUIRE_EBPF=1 forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: {why} (set FREEZETRAP_REQUIRE_EBPF=1 to make this a failure)");
-    false
-}
 
 /// The target: 1 GiB resident, three threads that mmap, and a fork every 400 ms.
 #[test]
@@ -32,40 +15,12 @@ fn child_forker() {
     if std::env::var("FREEZETRAP_TEST_ROLE").as_deref() != Ok("forker") {
         return;
     }
-    let mut big = vec![0u8; 1 << 30];
-    for i in (0..big.len()).step_by(4096) {
-        big[i] = 1;
-    }
-    for i in 0..3 {
-        std::thread::Builder::new()
-            .name(format!("mmapper-{i}"))
-            .spawn(|| loop {
-                // SAFETY: a fresh private anonymous mapping, touched and unmapped.
-                unsafe {
-                    let p = libc::mmap(
-                        std::ptr::null_mut(),
-                        1 << 16,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    );
-                    *(p as *mut u8) = 1;
-                    libc::munmap(p, 1 << 16);
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            })
-            .unwrap();
-    }
+    let big = common::resident_gib();
+    common::start_mmappers(3);
     println!("READY");
     loop {
         std::thread::sleep(Duration::from_millis(400));
-        // SAFETY: the child only calls _exit.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            unsafe { libc::_exit(0) };
-        }
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        common::fork_once();
         std::hint::black_box(&big);
     }
 }
@@ -147,22 +102,7 @@ fn a_fork_freeze_is_captured_with_its_holder_and_waiters() {
     }
     assert!(std::fs::metadata(out_dir.join("oncpu.folded")).is_ok());
 
-    let svg = std::fs::read_to_string(out_dir.join("offcpu.svg")).unwrap();
-    assert!(svg.contains("<svg") && svg.len() > 1000);
-    let mut reader = quick_xml::Reader::from_str(&svg);
-    let mut elements = 0;
-    loop {
-        match reader.read_event() {
-            Ok(quick_xml::events::Event::Eof) => break,
-            Ok(quick_xml::events::Event::Start(_)) => elements += 1,
-            Ok(_) => {}
-            Err(e) => panic!(
-                "offcpu.svg is not well-formed XML at {}: {e}",
-                reader.buffer_position()
-            ),
-        }
-    }
-    assert!(elements > 10);
+    common::assert_svg(&out_dir.join("offcpu.svg"));
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

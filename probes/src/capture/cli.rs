@@ -3,14 +3,20 @@
 //!
 //! ```text
 //! freezetrap-capture --pid P [--tid T] [--stall-id N] --out DIR --duration S [--bpftrace PATH] [--min-block-us U]
+//! freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] ...
 //! ```
-//! Writes `offcpu.folded`, `oncpu.folded`, `offcpu.svg` and `summary.json` in DIR and prints a
-//! one-line summary. Errors are one line on stderr with a distinct exit code:
+//! The first form (the triggered helper) records for S seconds from now and writes
+//! `offcpu.folded`, `oncpu.folded`, `offcpu.svg` and `summary.json` in DIR; the second (the armed
+//! flight recorder, see [`super::armed`]) writes the same files into a fresh directory under DIR
+//! for every `freezetrap:stall_begin` the target fires. Both print a one-line summary per capture.
+//! Errors are one line on stderr with a distinct exit code (see [`super::preflight`]):
 //! 2 usage, 3 bpftrace not found, 4 not permitted, 5 tracefs not mounted, 6 target gone,
 //! 7 output directory not writable, 8 bpftrace failed.
 
-use super::{folded, human, parse_maps, summarize, CAPTURE_BT};
-use std::path::{Path, PathBuf};
+use super::output::write_capture;
+use super::preflight::{self, Refusal};
+use super::{human, parse_maps, summarize, CAPTURE_BT};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,11 +26,6 @@ struct Args {
     duration: u64,
     bpftrace: Option<PathBuf>,
     min_block_us: u64,
-}
-
-fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("freezetrap-capture: {msg}");
-    ExitCode::from(code)
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -73,63 +74,39 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     })
 }
 
-fn find_on_path(prog: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(prog))
-            .find(|p| p.is_file())
-    })
+const USAGE: &str = "usage: freezetrap-capture --pid P [--tid T] [--stall-id N] --out DIR --duration S [--bpftrace PATH] [--min-block-us U] | freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] [--min-block-us U] [--max-captures N] [--for S] [--bpftrace PATH]";
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    Refusal::new(code, msg.to_string()).exit()
 }
 
 /// Runs the helper with `args` (without the program name) and returns its exit code.
 pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
+    let mut args = args.peekable();
+    if args.peek().map(String::as_str) == Some("arm") {
+        args.next();
+        return super::armed::run(args);
+    }
+    run_triggered(args)
+}
+
+fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
     let started = Instant::now();
     let args = match parse_args(args) {
         Ok(a) => a,
-        Err(e) => {
-            return fail(2, format!("{e}: usage: freezetrap-capture --pid P [--tid T] [--stall-id N] --out DIR --duration S [--bpftrace PATH] [--min-block-us U]"))
-        }
+        Err(e) => return fail(preflight::EXIT_USAGE, format!("{e}: {USAGE}")),
     };
-    let bpftrace =
-        match args.bpftrace.clone().or_else(|| find_on_path("bpftrace")) {
-            Some(p) if p.is_file() => p,
-            _ => return fail(
-                3,
-                "bpftrace not found: install it (apt-get install bpftrace) or pass --bpftrace PATH",
-            ),
-        };
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return fail(4, "not permitted: eBPF needs root (or CAP_BPF and CAP_PERFMON); run as root, or run the armed recorder as a root sidecar");
-    }
-    if !Path::new("/sys/kernel/tracing/events").exists()
-        && !Path::new("/sys/kernel/debug/tracing/events").exists()
+    let bpftrace = match preflight::bpftrace(args.bpftrace.as_deref())
+        .and_then(|b| preflight::system(Some(args.pid)).map(|_| b))
+        .and_then(|b| preflight::writable_dir(&args.out).map(|_| b))
     {
-        return fail(
-            5,
-            "tracefs is not mounted: run `mount -t tracefs nodev /sys/kernel/tracing` as root",
-        );
-    }
-    if !Path::new(&format!("/proc/{}", args.pid)).exists() {
-        return fail(6, format!("target pid {} is gone", args.pid));
-    }
-    if let Err(e) = std::fs::create_dir_all(&args.out)
-        .and_then(|_| std::fs::write(args.out.join(".probe"), b""))
-    {
-        return fail(
-            7,
-            format!(
-                "output directory {} is not writable: {e}",
-                args.out.display()
-            ),
-        );
-    }
-    let _ = std::fs::remove_file(args.out.join(".probe"));
-
+        Ok(b) => b,
+        Err(r) => return r.exit(),
+    };
     let script = args.out.join("capture.bt");
     if let Err(e) = std::fs::write(&script, CAPTURE_BT) {
         return fail(
-            7,
+            preflight::EXIT_OUT_NOT_WRITABLE,
             format!(
                 "output directory {} is not writable: {e}",
                 args.out.display()
@@ -145,12 +122,20 @@ pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
         .arg(args.duration.to_string())
         .env("BPFTRACE_MAX_STRLEN", "64")
         .env("BPFTRACE_MAP_KEYS_MAX", "8192")
+        // One process, one executable: caching its symbols is correct and saves re-reading
+        // the ELF (and /proc/PID/maps) for every frame when the maps are printed.
+        .env("BPFTRACE_CACHE_USER_SYMBOLS", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => return fail(3, format!("cannot run {}: {e}", bpftrace.display())),
+        Err(e) => {
+            return fail(
+                preflight::EXIT_NO_BPFTRACE,
+                format!("cannot run {}: {e}", bpftrace.display()),
+            )
+        }
     };
     // Read stdout on a thread; print "recording" as soon as bpftrace says it attached.
     let mut stdout = child.stdout.take().expect("piped");
@@ -193,7 +178,7 @@ pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
             .unwrap_or("no data")
             .to_string();
         return fail(
-            8,
+            preflight::EXIT_BPFTRACE_FAILED,
             format!(
                 "bpftrace produced no data ({}): {why}",
                 status
@@ -203,43 +188,20 @@ pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
         );
     }
 
-    let off = folded(maps.get("@off"));
-    let on = folded(maps.get("@on"));
     let summary = summarize(args.pid, args.duration, &maps);
-    let write =
-        |name: &str, lines: &[String]| std::fs::write(args.out.join(name), lines.join("\n") + "\n");
-    let mut svg = Vec::new();
-    let mut opts = inferno::flamegraph::Options::default();
-    opts.title = format!("Off-CPU time, pid {} ({} s)", args.pid, args.duration);
-    opts.count_name = "us".into();
-    opts.colors =
-        inferno::flamegraph::color::Palette::Basic(inferno::flamegraph::color::BasicPalette::Io);
-    let graph = if off.is_empty() {
-        Err("no off-CPU stacks".to_string())
-    } else {
-        inferno::flamegraph::from_lines(&mut opts, off.iter().map(String::as_str), &mut svg)
-            .map_err(|e| e.to_string())
-    };
-    let res = write("offcpu.folded", &off)
-        .and_then(|_| write("oncpu.folded", &on))
-        .and_then(|_| {
-            std::fs::write(
-                args.out.join("summary.json"),
-                serde_json::to_vec_pretty(&summary).unwrap_or_default(),
-            )
-        })
-        .and_then(|_| {
-            if graph.is_ok() {
-                std::fs::write(args.out.join("offcpu.svg"), &svg)
-            } else {
-                Ok(())
+    let title = format!("Off-CPU time, pid {} ({} s)", args.pid, args.duration);
+    match write_capture(&args.out, &maps, &title, &summary) {
+        Ok(w) => {
+            if let Some(why) = w.no_graph {
+                eprintln!("freezetrap-capture: no flame graph: {why}");
             }
-        });
-    if let Err(e) = res {
-        return fail(7, format!("writing to {} failed: {e}", args.out.display()));
-    }
-    if let Err(e) = graph {
-        eprintln!("freezetrap-capture: no flame graph: {e}");
+        }
+        Err(e) => {
+            return fail(
+                preflight::EXIT_OUT_NOT_WRITABLE,
+                format!("writing to {} failed: {e}", args.out.display()),
+            )
+        }
     }
     let _ = std::fs::remove_file(&script);
     println!(

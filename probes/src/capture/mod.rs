@@ -3,7 +3,10 @@
 
 use serde::Serialize;
 
+pub mod armed;
 pub mod cli;
+pub mod output;
+pub mod preflight;
 use std::collections::BTreeMap;
 
 /// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).
@@ -85,13 +88,22 @@ pub fn user_frames(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Splits a `comm, kstack, ustack` key (bpftrace joins key parts with `,\n`).
+/// Splits a `comm, kstack[, ustack]` map key. bpftrace joins key parts with `,`; a stack is
+/// empty or `\n` plus one line per frame, kernel frames indented with spaces and `ustack(perf)`
+/// frames with a tab. A thread name cannot hold a newline, so the first `,\n` ends it.
 pub fn split_key(key: &str) -> (String, Vec<String>, Vec<String>) {
-    let mut parts = key.splitn(3, ",\n");
-    let comm = parts.next().unwrap_or("").trim().to_string();
-    let k = parts.next().map(kernel_frames).unwrap_or_default();
-    let u = parts.next().map(user_frames).unwrap_or_default();
-    (comm, k, u)
+    let first_stack = key.find(",\n").unwrap_or(key.len());
+    let comm = key[..first_stack].trim_end_matches(',').trim().to_string();
+    let stacks = &key[first_stack..];
+    let (k, u) = match stacks.find(",\n\t") {
+        Some(i) => (&stacks[..i], &stacks[i..]),
+        None => (stacks, ""),
+    };
+    (
+        comm,
+        kernel_frames(k.trim_matches(',')),
+        user_frames(u.trim_start_matches(',')),
+    )
 }
 
 /// Brendan Gregg's folded format: `comm;user outermost..innermost;kernel outer..inner_[k] value`,
@@ -272,6 +284,28 @@ mod tests {
             human(&s),
             "freezetrap-capture: pid 42 for 10 s: 48.0 ms off CPU; mmap_lock held for write 48.8 ms by mmap_write_unlock <- dup_mmap <- copy_process; 1 thread(s) waited up to 50.4 ms; top blocking stack (48.0 ms): __schedule_[k] <- schedule_[k] <- rwsem_down_write_slowpath_[k]"
         );
+    }
+
+    #[test]
+    fn keys_with_an_empty_stack_split_cleanly() {
+        // A sample taken in user mode has no kernel stack.
+        let (c, k, u) = split_key("bash,,\n\t5555 find_child+0 (/usr/bin/bash)\n");
+        assert_eq!(
+            (c.as_str(), k.len(), u),
+            ("bash", 0, vec!["find_child".to_string()])
+        );
+        // A kernel thread has no user stack.
+        let (c, k, u) = split_key("kworker/0:1,\n    worker_thread+1\n,");
+        assert_eq!(
+            (c.as_str(), k, u.len()),
+            ("kworker/0:1", vec!["worker_thread".to_string()], 0)
+        );
+        // Two parts (the write-hold map).
+        let (c, k, _) = split_key("app,\n    dup_mmap+9\n    copy_process+2\n");
+        assert_eq!(c, "app");
+        assert_eq!(k, ["dup_mmap", "copy_process"]);
+        let (c, k, u) = split_key("idle,,");
+        assert_eq!((c.as_str(), k.len(), u.len()), ("idle", 0, 0));
     }
 
     #[test]

@@ -1,0 +1,621 @@
+//! The armed flight recorder: `freezetrap-capture arm`.
+//!
+//! ```text
+//! freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S]
+//!     [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S]
+//!     [--bpftrace PATH]
+//! ```
+//! The triggered helper starts bpftrace when a stall is detected, so it records from about a
+//! second after the detection (bpftrace 0.17 takes ~1 s to compile and attach). The armed
+//! recorder is attached before anything goes wrong: it runs `armed.bt` against the target all the
+//! time, keeps the last `--window` seconds (default 5) of off-CPU, on-CPU and mmap_lock data in
+//! memory, and when the target fires `freezetrap:stall_begin` it waits `--after` seconds (default
+//! 5) and writes the window around the probe into a fresh `DIR/armed-PID-stall-ID/`: the same
+//! four files as the triggered helper, with `summary.json` extended by `mode`, `stalls`, `window`
+//! and a per-bucket `timeline` (ms relative to the probe, negative = before it).
+//!
+//! It is also how an unprivileged service gets captures: the recorder runs as root beside it
+//! (a sidecar), and the service needs no `FREEZETRAP_CAPTURE`, only `FREEZETRAP_STALL` so that
+//! its watchdog fires the probe.
+//!
+//! With `--pid` it records that process and exits when it does. With `--binary` it waits for a
+//! process running that executable, records it, and when it exits waits for the next one (a
+//! service restart). Stalls less than `--cooldown` seconds (default 10) after a capture's window
+//! are counted, not captured; `--max-captures` stops the recorder after N captures; capture
+//! directories beyond `--max-bytes` (default 1 GiB) are deleted oldest first; `--for` ends the
+//! recording after S seconds.
+
+mod window;
+
+pub use window::{parse_line, Event, Ready, StallSeen, TimelineRow, Window};
+
+use super::output::write_capture;
+use super::preflight::{self, Refusal};
+use super::{human, summarize, Summary};
+use serde::Serialize;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The recorder's program, embedded at build time (also at `probes/bpftrace/armed.bt`).
+pub const ARMED_BT: &str = include_str!("../../../bpftrace/armed.bt");
+
+/// Bucket length: the window's time resolution, and how often bpftrace prints.
+const BUCKET_MS: u64 = 250;
+/// Map entries the window may hold in memory in total (beyond: counted as dropped).
+const MAX_ENTRIES: usize = 50_000;
+
+/// What to record.
+#[derive(Debug, Clone)]
+enum Target {
+    Pid(u32),
+    Binary(PathBuf),
+}
+
+#[derive(Debug)]
+struct Args {
+    target: Target,
+    out: PathBuf,
+    window_s: u64,
+    after_s: u64,
+    min_block_us: u64,
+    cooldown_s: u64,
+    max_captures: Option<u64>,
+    max_bytes: u64,
+    run_for: Option<u64>,
+    bpftrace: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S] [--bpftrace PATH]";
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let (mut target, mut out, mut bpftrace) = (None, None, None);
+    let (mut window_s, mut after_s, mut min_block_us, mut cooldown_s) = (5, 5, 1000, 10);
+    let (mut max_captures, mut max_bytes, mut run_for) = (None, 1u64 << 30, None);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        let mut num = |what: &str| -> Result<u64, String> {
+            let v = val()?;
+            v.parse()
+                .map_err(|_| format!("{a} takes {what}, not {v:?}"))
+        };
+        match a.as_str() {
+            "--pid" => target = Some(Target::Pid(num("a process id")? as u32)),
+            "--binary" => target = Some(Target::Binary(PathBuf::from(val()?))),
+            "--out" => out = Some(PathBuf::from(val()?)),
+            "--window" => window_s = num("whole seconds")?,
+            "--after" => after_s = num("whole seconds")?,
+            "--min-block-us" => min_block_us = num("microseconds")?,
+            "--cooldown" => cooldown_s = num("whole seconds")?,
+            "--max-captures" => max_captures = Some(num("a count")?),
+            "--max-bytes" => max_bytes = num("bytes")?,
+            "--for" => run_for = Some(num("whole seconds")?),
+            "--bpftrace" => bpftrace = Some(PathBuf::from(val()?)),
+            "-h" | "--help" => return Err("usage".into()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let target = target.ok_or("arm needs --pid P or --binary PATH")?;
+    if let Target::Pid(0) = target {
+        return Err("--pid takes a process id".into());
+    }
+    if !(1..=60).contains(&window_s) || after_s > 60 {
+        return Err("--window must be 1..=60 seconds and --after 0..=60".into());
+    }
+    Ok(Args {
+        target,
+        out: out.ok_or("--out is required")?,
+        window_s,
+        after_s,
+        min_block_us,
+        cooldown_s,
+        max_captures,
+        max_bytes,
+        run_for,
+        bpftrace,
+    })
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Runs `freezetrap-capture arm` with `args` (after the `arm` word).
+pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
+    let args = match parse_args(args) {
+        Ok(a) => a,
+        Err(e) => return Refusal::new(preflight::EXIT_USAGE, format!("{e}: {USAGE}")).exit(),
+    };
+    let pid = match args.target {
+        Target::Pid(p) => Some(p),
+        Target::Binary(ref b) if !b.is_file() => {
+            return Refusal::new(
+                preflight::EXIT_USAGE,
+                format!("--binary {}: no such file", b.display()),
+            )
+            .exit()
+        }
+        Target::Binary(_) => None,
+    };
+    let bpftrace = match preflight::bpftrace(args.bpftrace.as_deref())
+        .and_then(|b| preflight::system(pid).map(|_| b))
+        .and_then(|b| preflight::writable_dir(&args.out).map(|_| b))
+    {
+        Ok(b) => b,
+        Err(r) => return r.exit(),
+    };
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
+        // function pointer has the signature `signal` expects.
+        unsafe { libc::signal(sig, on_stop_signal as extern "C" fn(libc::c_int) as usize) };
+    }
+    let deadline = args
+        .run_for
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    let mut rec = Recorder {
+        args: &args,
+        bpftrace,
+        deadline,
+        captures: 0,
+        skipped: 0,
+        last_capture_end_ns: 0,
+    };
+    loop {
+        let pid = match &args.target {
+            Target::Pid(p) => *p,
+            Target::Binary(path) => match rec.wait_for_process(path) {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        match rec.record(pid) {
+            Ok(Outcome::TargetExited) if matches!(args.target, Target::Binary(_)) => continue,
+            Ok(_) => break,
+            Err(r) => return r.exit(),
+        }
+    }
+    eprintln!(
+        "freezetrap-capture: armed recorder done: {} capture(s), {} stall(s) skipped by the cooldown",
+        rec.captures, rec.skipped
+    );
+    ExitCode::SUCCESS
+}
+
+enum Outcome {
+    TargetExited,
+    Stopped,
+}
+
+struct Recorder<'a> {
+    args: &'a Args,
+    bpftrace: PathBuf,
+    deadline: Option<Instant>,
+    captures: u64,
+    skipped: u64,
+    last_capture_end_ns: u64,
+}
+
+/// The `armed.bt` output, line by line, from a reader thread.
+enum Line {
+    Event(Event),
+    Eof,
+}
+
+impl Recorder<'_> {
+    fn should_stop(&self) -> bool {
+        STOP.load(Ordering::Relaxed)
+            || self.deadline.is_some_and(|d| Instant::now() >= d)
+            || self
+                .args
+                .max_captures
+                .is_some_and(|max| self.captures >= max)
+    }
+
+    /// Polls /proc for a live process whose executable is `path` (same device and inode).
+    fn wait_for_process(&self, path: &Path) -> Option<u32> {
+        let want = std::fs::metadata(path).ok()?;
+        let mut said = false;
+        while !self.should_stop() {
+            let found = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+                (m.dev() == want.dev() && m.ino() == want.ino() && preflight::pid_alive(pid))
+                    .then_some(pid)
+            });
+            if found.is_some() {
+                return found;
+            }
+            if !said {
+                eprintln!(
+                    "freezetrap-capture: waiting for a process running {}",
+                    path.display()
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        None
+    }
+
+    fn spawn_bpftrace(&self, pid: u32, exe: &Path, script: &Path) -> Result<Child, Refusal> {
+        Command::new(&self.bpftrace)
+            .arg("-f")
+            .arg("json")
+            .arg(script)
+            .arg(pid.to_string())
+            .arg(exe)
+            .arg(self.args.min_block_us.to_string())
+            .arg(BUCKET_MS.to_string())
+            .env("BPFTRACE_MAX_STRLEN", "64")
+            .env("BPFTRACE_MAP_KEYS_MAX", "8192")
+            // Maps are printed (and user stacks symbolized) four times a second. Uncached,
+            // bpftrace re-reads the ELF and /proc/PID/maps for every frame: seconds per print on
+            // a large binary, and blocked while the target's mmap_lock is held. One process and
+            // one executable per bpftrace, so the cache is correct.
+            .env("BPFTRACE_CACHE_USER_SYMBOLS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                Refusal::new(
+                    preflight::EXIT_NO_BPFTRACE,
+                    format!("cannot run {}: {e}", self.bpftrace.display()),
+                )
+            })
+    }
+
+    /// Records `pid` until it exits, the recorder is told to stop, or bpftrace fails.
+    fn record(&mut self, pid: u32) -> Result<Outcome, Refusal> {
+        let started = Instant::now();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| {
+            Refusal::new(
+                preflight::EXIT_TARGET_GONE,
+                format!("target pid {pid} is gone ({e})"),
+            )
+        })?;
+        if exe.to_string_lossy().ends_with(" (deleted)") {
+            return Err(Refusal::new(
+                preflight::EXIT_TARGET_GONE,
+                format!("the executable of pid {pid} was deleted or replaced ({}): the USDT probes cannot be attached; restart the target", exe.display()),
+            ));
+        }
+        let script = self.args.out.join(format!(".armed-{pid}.bt"));
+        std::fs::write(&script, ARMED_BT).map_err(|e| {
+            Refusal::new(
+                preflight::EXIT_OUT_NOT_WRITABLE,
+                format!(
+                    "output directory {} is not writable: {e}",
+                    self.args.out.display()
+                ),
+            )
+        })?;
+        let mut child = self.spawn_bpftrace(pid, &exe, &script)?;
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(Line::Event(parse_line(&line))).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Line::Eof);
+        });
+        let mut stderr = child.stderr.take().expect("piped");
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+
+        let sec = 1_000_000_000;
+        let mut window = Window::new(
+            BUCKET_MS * 1_000_000,
+            self.args.window_s * sec,
+            self.args.after_s * sec,
+            MAX_ENTRIES,
+        );
+        let mut lost = 0u64;
+        let mut armed = false;
+        let outcome = loop {
+            let line = rx.recv_timeout(Duration::from_millis(200));
+            if self.should_stop() {
+                break Ok(Outcome::Stopped);
+            }
+            if !preflight::pid_alive(pid) {
+                eprintln!("freezetrap-capture: pid {pid} exited");
+                break Ok(Outcome::TargetExited);
+            }
+            let event = match line {
+                Ok(Line::Event(e)) => e,
+                Ok(Line::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = child.wait();
+                    let text = errors.join().unwrap_or_default();
+                    let why = text
+                        .lines()
+                        .find(|l| l.contains("ERROR") && !l.contains("RLIMIT_MEMLOCK"))
+                        .unwrap_or("it exited");
+                    break Err(Refusal::new(
+                        preflight::EXIT_BPFTRACE_FAILED,
+                        format!("bpftrace stopped recording pid {pid}: {why}"),
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            };
+            match event {
+                Event::Armed if !armed => {
+                    armed = true;
+                    eprintln!(
+                        "freezetrap-capture: armed on pid {pid} ({}) in {:.2} s: keeping {} s before a stall and {} s after; captures go to {}",
+                        exe.display(),
+                        started.elapsed().as_secs_f64(),
+                        self.args.window_s,
+                        self.args.after_s,
+                        self.args.out.display()
+                    );
+                }
+                Event::StallBegin(stall) => self.stall_begin(&mut window, pid, stall),
+                Event::StallEnd { id, duration_ns } => window.stall_end(id, duration_ns),
+                Event::Map { name, entries } => window.add_map(&name, entries),
+                Event::Tick(b) => {
+                    for ready in window.tick(b) {
+                        self.write(pid, &window, ready, lost);
+                    }
+                }
+                Event::Lost(n) => lost += n,
+                Event::Armed | Event::Other => {}
+            }
+        };
+        // Whatever is pending gets written with the data that is in.
+        for ready in window.flush() {
+            self.write(pid, &window, ready, lost);
+        }
+        stop_child(&mut child);
+        drop(rx);
+        let _ = reader.join();
+        let _ = std::fs::remove_file(&script);
+        if window.late_entries + window.dropped_entries + lost > 0 {
+            eprintln!(
+                "freezetrap-capture: pid {pid}: {} late and {} dropped map entries, {lost} lost perf events",
+                window.late_entries, window.dropped_entries
+            );
+        }
+        outcome
+    }
+
+    fn stall_begin(&mut self, window: &mut Window, pid: u32, stall: StallSeen) {
+        let now = monotonic_ns();
+        let seen_ms = now.saturating_sub(stall.probe_ns) as f64 / 1e6;
+        let cooldown_ns = self.args.cooldown_s * 1_000_000_000;
+        if self.last_capture_end_ns > 0
+            && stall.probe_ns < self.last_capture_end_ns + cooldown_ns
+            && stall.probe_ns > self.last_capture_end_ns
+        {
+            self.skipped += 1;
+            eprintln!(
+                "freezetrap-capture: stall {} of pid {pid} not captured: within the {} s cooldown",
+                stall.id, self.args.cooldown_s
+            );
+            return;
+        }
+        let id = stall.id;
+        let probe_ns = stall.probe_ns;
+        if window.stall_begin(stall) {
+            self.last_capture_end_ns = probe_ns + self.args.after_s * 1_000_000_000;
+            eprintln!(
+                "freezetrap-capture: stall {id} began in pid {pid} (seen {seen_ms:.1} ms after the probe); writing {} s before and {} s after it",
+                self.args.window_s, self.args.after_s
+            );
+        }
+    }
+
+    fn write(&mut self, pid: u32, window: &Window, ready: Ready, lost: u64) {
+        let first = &ready.stalls[0];
+        let Some(dir) = fresh_dir(&self.args.out, &format!("armed-{pid}-stall-{}", first.id))
+        else {
+            eprintln!(
+                "freezetrap-capture: cannot create a capture directory in {}",
+                self.args.out.display()
+            );
+            return;
+        };
+        let span_ms = (ready.to_ms - ready.from_ms) as u64;
+        let capture = summarize(pid, span_ms.div_ceil(1000), &ready.maps);
+        let summary = ArmedSummary {
+            line: human(&capture),
+            capture,
+            mode: "armed",
+            stalls: &ready.stalls,
+            window: WindowInfo {
+                bucket_ms: BUCKET_MS,
+                from_ms: ready.from_ms,
+                to_ms: ready.to_ms,
+                data_from_ms: ready.timeline.first().map(|r| r.t_ms),
+                late_entries: window.late_entries,
+                dropped_entries: window.dropped_entries,
+                lost_events: lost,
+            },
+            timeline: &ready.timeline,
+        };
+        let title = format!(
+            "Off-CPU time, pid {pid}, stall {} (armed: {} ms before to {} ms after the probe)",
+            first.id, -summary.window.from_ms, summary.window.to_ms
+        );
+        match write_capture(&dir, &ready.maps, &title, &summary) {
+            Ok(_) => {
+                self.captures += 1;
+                println!(
+                    "{} (stall {}, window {:+.2} s..{:+.2} s; {})",
+                    summary.line,
+                    first.id,
+                    summary.window.from_ms as f64 / 1000.0,
+                    summary.window.to_ms as f64 / 1000.0,
+                    dir.display()
+                );
+                enforce_byte_cap(&self.args.out, self.args.max_bytes, &dir);
+            }
+            Err(e) => eprintln!("freezetrap-capture: writing {} failed: {e}", dir.display()),
+        }
+    }
+}
+
+/// `summary.json` of an armed capture: the triggered capture's fields plus the window.
+#[derive(Serialize)]
+struct ArmedSummary<'a> {
+    #[serde(flatten)]
+    capture: Summary,
+    /// The one-line human summary.
+    line: String,
+    mode: &'static str,
+    stalls: &'a [StallSeen],
+    window: WindowInfo,
+    timeline: &'a [TimelineRow],
+}
+
+#[derive(Serialize)]
+struct WindowInfo {
+    bucket_ms: u64,
+    /// Window start and end relative to the first probe, ms.
+    from_ms: i64,
+    to_ms: i64,
+    /// The first bucket with data (later than `from_ms` when the recorder was armed less than
+    /// a window before the stall).
+    data_from_ms: Option<i64>,
+    /// Recorder-wide counts so far: entries too late for the window, entries over the memory
+    /// cap, perf events bpftrace lost. Non-zero means this capture may be missing data.
+    late_entries: u64,
+    dropped_entries: u64,
+    lost_events: u64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Creates `out/name` (or `out/name-2`, ...) so a capture never overwrites an earlier one.
+fn fresh_dir(out: &Path, name: &str) -> Option<PathBuf> {
+    (1..1000).find_map(|n| {
+        let dir = if n == 1 {
+            out.join(name)
+        } else {
+            out.join(format!("{name}-{n}"))
+        };
+        std::fs::create_dir(&dir).ok().map(|_| dir)
+    })
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Deletes the oldest `armed-*` capture directories in `out` until they total at most
+/// `max_bytes`; `newest` (just written) is kept whatever its size.
+fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: &Path) {
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf, u64)> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("armed-"))
+        .filter_map(|e| {
+            let m = e.metadata().ok().filter(|m| m.is_dir())?;
+            Some((m.modified().ok()?, e.path(), dir_bytes(&e.path())))
+        })
+        .collect();
+    dirs.sort();
+    let mut total: u64 = dirs.iter().map(|d| d.2).sum();
+    for (_, dir, bytes) in dirs {
+        if total <= max_bytes || dir == newest {
+            break;
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            eprintln!(
+                "freezetrap-capture: removed {} to stay under {} bytes of captures",
+                dir.display(),
+                max_bytes
+            );
+            total -= bytes;
+        }
+    }
+}
+
+/// Stops bpftrace: SIGINT first (it detaches cleanly), SIGKILL if it has not exited in 2 s.
+fn stop_child(child: &mut Child) {
+    // SAFETY: kill() on our own child's pid; at worst ESRCH if it already exited.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Args, String> {
+        parse_args(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn arguments_have_defaults_and_clear_errors() {
+        let a = args(&["--pid", "42", "--out", "/tmp/x"]).unwrap();
+        assert!(matches!(a.target, Target::Pid(42)));
+        assert_eq!((a.window_s, a.after_s, a.cooldown_s), (5, 5, 10));
+        assert!(args(&["--out", "/tmp/x"])
+            .unwrap_err()
+            .contains("--pid P or --binary PATH"));
+        assert!(args(&["--pid", "x", "--out", "/tmp/x"])
+            .unwrap_err()
+            .contains("--pid takes a process id, not \"x\""));
+        assert!(args(&["--pid", "1", "--out", "/o", "--window", "0"])
+            .unwrap_err()
+            .contains("--window"));
+        assert!(args(&["--pid", "1"]).unwrap_err().contains("--out"));
+        assert!(args(&["--pid", "1", "--out", "/o", "--bogus"])
+            .unwrap_err()
+            .contains("--bogus"));
+    }
+
+    #[test]
+    fn fresh_dirs_never_collide_and_the_byte_cap_keeps_the_newest() {
+        let out = std::env::temp_dir().join(format!("ft-armed-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        let a = fresh_dir(&out, "armed-1-stall-1").unwrap();
+        let b = fresh_dir(&out, "armed-1-stall-1").unwrap();
+        assert_ne!(a, b);
+        assert!(b.ends_with("armed-1-stall-1-2"));
+        std::fs::write(a.join("f"), vec![0u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(b.join("f"), vec![0u8; 1000]).unwrap();
+        enforce_byte_cap(&out, 1500, &b);
+        assert!(!a.exists() && b.exists());
+        enforce_byte_cap(&out, 10, &b);
+        assert!(b.exists(), "the newest capture is kept");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}

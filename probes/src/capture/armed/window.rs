@@ -1,0 +1,467 @@
+//! The rolling window: time buckets of off-CPU, on-CPU and mmap_lock data as bpftrace prints them,
+//! the stalls the target announced, and the captures that become due. Pure data handling, so it is
+//! tested without bpftrace.
+//!
+//! Timing: bpftrace prints bucket `b` some time after `b` ended (at a `tick` of `b + 1` or later,
+//! see `armed.bt`). A capture covering buckets `from..=to` is therefore written only once a tick of
+//! `to + SETTLE` has been seen, and data that still arrives for a bucket older than anything kept
+//! is counted as late, not silently dropped.
+
+use super::super::Maps;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Ticks to wait past a capture's last bucket before writing it (a skipped interval can delay a
+/// bucket's print by one tick; two more are margin).
+pub const SETTLE: u64 = 3;
+
+/// One line of bpftrace's `-f json` output from `armed.bt`, decoded.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    /// The program is attached.
+    Armed,
+    /// Every probe printed; `b` is the bucket the interval fired in.
+    Tick(u64),
+    /// `freezetrap:stall_begin` fired.
+    StallBegin(StallSeen),
+    /// `freezetrap:stall_end` fired.
+    StallEnd {
+        /// The stall id, as in `stall_begin`.
+        id: u64,
+        /// How long the stall lasted.
+        duration_ns: u64,
+    },
+    /// A printed map.
+    Map {
+        /// Its base name: `@off`, `@on`, `@wait` or `@hold`.
+        name: String,
+        /// `(bucket, key, value)` per entry.
+        entries: Vec<(u64, String, u64)>,
+    },
+    /// bpftrace lost perf events (its ring buffer was full).
+    Lost(u64),
+    /// Anything else (attached_probes, blank lines).
+    Other,
+}
+
+/// A stall the target announced through `freezetrap:stall_begin`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StallSeen {
+    /// The watchdog's stall id.
+    pub id: u64,
+    /// The stalled thread, 0 for the whole process.
+    pub thread_id: u64,
+    /// How long the stall had lasted when the watchdog detected it, ns.
+    pub elapsed_ns: u64,
+    /// CLOCK_MONOTONIC when the probe fired, ns.
+    pub probe_ns: u64,
+    /// From `freezetrap:stall_end`, when it fired before the capture was written.
+    pub duration_ns: Option<u64>,
+}
+
+/// Decodes one output line. Unknown or malformed lines are [`Event::Other`].
+pub fn parse_line(line: &str) -> Event {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return Event::Other;
+    };
+    match v["type"].as_str() {
+        Some("printf") => {
+            let text = v["data"].as_str().unwrap_or("").trim();
+            let mut words = text.split_whitespace();
+            let what = words.next().unwrap_or("");
+            let nums: Vec<u64> = words.filter_map(|w| w.parse().ok()).collect();
+            match (what, nums.as_slice()) {
+                ("armed", _) => Event::Armed,
+                ("tick", [b]) => Event::Tick(*b),
+                ("stall_begin", [id, tid, elapsed, ns]) => Event::StallBegin(StallSeen {
+                    id: *id,
+                    thread_id: *tid,
+                    elapsed_ns: *elapsed,
+                    probe_ns: *ns,
+                    duration_ns: None,
+                }),
+                ("stall_end", [id, duration, _ns]) => Event::StallEnd {
+                    id: *id,
+                    duration_ns: *duration,
+                },
+                _ => Event::Other,
+            }
+        }
+        Some("lost_events") => Event::Lost(v["data"]["events"].as_u64().unwrap_or(0)),
+        Some("map") => {
+            let Some((name, data)) = v["data"].as_object().and_then(|o| o.iter().next()) else {
+                return Event::Other;
+            };
+            // `@off0` and `@off1` are the two parities of the same map.
+            let name = name.trim_end_matches(['0', '1']).to_string();
+            let entries = data
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, val)| {
+                    let (bucket, key) = k.split_once(',')?;
+                    Some((bucket.parse().ok()?, key.to_string(), val.as_u64()?))
+                })
+                .collect();
+            Event::Map { name, entries }
+        }
+        _ => Event::Other,
+    }
+}
+
+/// The triggered capture's name for an armed map (so `summarize` reads both).
+fn capture_name(armed: &str) -> Option<&'static str> {
+    match armed {
+        "@off" => Some("@off"),
+        "@on" => Some("@on"),
+        "@wait" => Some("@lock_wait_max_us"),
+        "@hold" => Some("@write_hold_us"),
+        _ => None,
+    }
+}
+
+/// True for the maps whose values are maxima; the others are sums.
+fn merges_by_max(capture_name: &str) -> bool {
+    matches!(capture_name, "@lock_wait_max_us" | "@write_hold_us")
+}
+
+/// One bucket of the timeline in `summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TimelineRow {
+    /// Bucket start relative to the first `stall_begin` probe, ms (negative: before it fired).
+    pub t_ms: i64,
+    /// Off-CPU µs of threads that ran again in this bucket.
+    pub offcpu_us: u64,
+    /// On-CPU samples (99 Hz).
+    pub oncpu_samples: u64,
+    /// Longest mmap_lock wait that ended in this bucket, µs.
+    pub max_lock_wait_us: u64,
+    /// Longest mmap_lock write hold that ended in this bucket, µs.
+    pub max_write_hold_us: u64,
+}
+
+/// A capture whose buckets are all in: what gets written to disk.
+#[derive(Debug)]
+pub struct Ready {
+    /// The stalls it covers (the first one opened it).
+    pub stalls: Vec<StallSeen>,
+    /// Window start relative to the first probe, ms (negative).
+    pub from_ms: i64,
+    /// Window end relative to the first probe, ms.
+    pub to_ms: i64,
+    /// Every bucket's data merged, under the triggered capture's map names.
+    pub maps: Maps,
+    /// Per-bucket totals.
+    pub timeline: Vec<TimelineRow>,
+}
+
+struct Pending {
+    stalls: Vec<StallSeen>,
+    from: u64,
+    to: u64,
+}
+
+/// The rolling window and the captures waiting for their last buckets.
+pub struct Window {
+    bucket_ns: u64,
+    before: u64,
+    after: u64,
+    max_entries: usize,
+    buckets: BTreeMap<u64, Maps>,
+    entries: usize,
+    newest_tick: u64,
+    pending: Vec<Pending>,
+    /// Entries that arrived for buckets already pruned or written.
+    pub late_entries: u64,
+    /// Entries refused because the window held `max_entries` already.
+    pub dropped_entries: u64,
+}
+
+impl Window {
+    /// A window of `before_ns` kept before a stall and `after_ns` recorded after it, in buckets of
+    /// `bucket_ns`, holding at most `max_entries` map entries in total.
+    pub fn new(bucket_ns: u64, before_ns: u64, after_ns: u64, max_entries: usize) -> Self {
+        let per = |ns: u64| ns.div_ceil(bucket_ns);
+        Window {
+            bucket_ns,
+            before: per(before_ns),
+            after: per(after_ns),
+            max_entries,
+            buckets: BTreeMap::new(),
+            entries: 0,
+            newest_tick: 0,
+            pending: Vec::new(),
+            late_entries: 0,
+            dropped_entries: 0,
+        }
+    }
+
+    /// The oldest bucket still needed: by a pending capture, or by one that could open now.
+    fn horizon(&self) -> u64 {
+        let open = self.newest_tick.saturating_sub(self.before + SETTLE);
+        self.pending.iter().map(|p| p.from).fold(open, u64::min)
+    }
+
+    /// Adds a printed map.
+    pub fn add_map(&mut self, name: &str, entries: Vec<(u64, String, u64)>) {
+        let Some(name) = capture_name(name) else {
+            return;
+        };
+        let is_max = merges_by_max(name);
+        let horizon = self.horizon();
+        for (bucket, key, value) in entries {
+            if bucket < horizon {
+                self.late_entries += 1;
+                continue;
+            }
+            let map = self
+                .buckets
+                .entry(bucket)
+                .or_default()
+                .entry(name.to_string())
+                .or_default();
+            let len = map.len();
+            if !map.contains_key(&key) && self.entries >= self.max_entries {
+                self.dropped_entries += 1;
+                continue;
+            }
+            let slot = map.entry(key).or_insert(0);
+            *slot = if is_max {
+                (*slot).max(value)
+            } else {
+                *slot + value
+            };
+            self.entries += map.len() - len;
+        }
+    }
+
+    /// Records a stall. Returns false when it joined a capture that was already pending (one
+    /// freeze usually stalls several heartbeats; they share one capture).
+    pub fn stall_begin(&mut self, stall: StallSeen) -> bool {
+        let b = stall.probe_ns / self.bucket_ns;
+        if let Some(p) = self.pending.iter_mut().find(|p| b <= p.to) {
+            p.stalls.push(stall);
+            return false;
+        }
+        self.pending.push(Pending {
+            stalls: vec![stall],
+            from: b.saturating_sub(self.before),
+            to: b + self.after,
+        });
+        true
+    }
+
+    /// Attaches a stall's duration to the pending capture that holds it.
+    pub fn stall_end(&mut self, id: u64, duration_ns: u64) {
+        for s in self.pending.iter_mut().flat_map(|p| p.stalls.iter_mut()) {
+            if s.id == id && s.duration_ns.is_none() {
+                s.duration_ns = Some(duration_ns);
+            }
+        }
+    }
+
+    /// A tick: returns the captures that are complete now and prunes what no one needs.
+    pub fn tick(&mut self, bucket: u64) -> Vec<Ready> {
+        self.newest_tick = self.newest_tick.max(bucket);
+        let newest = self.newest_tick;
+        let due = |p: &Pending| newest >= p.to + SETTLE;
+        let (ready, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending).into_iter().partition(due);
+        self.pending = keep;
+        let out = ready.into_iter().map(|p| self.assemble(p)).collect();
+        self.prune();
+        out
+    }
+
+    /// Every pending capture with what has arrived so far (the target or the recorder is
+    /// going away).
+    pub fn flush(&mut self) -> Vec<Ready> {
+        let pending = std::mem::take(&mut self.pending);
+        pending.into_iter().map(|p| self.assemble(p)).collect()
+    }
+
+    fn prune(&mut self) {
+        let horizon = self.horizon();
+        while let Some(entry) = self.buckets.first_entry() {
+            if *entry.key() >= horizon {
+                break;
+            }
+            let maps = entry.remove();
+            self.entries -= maps.values().map(|m| m.len()).sum::<usize>();
+        }
+    }
+
+    fn assemble(&self, p: Pending) -> Ready {
+        let probe_ns = p.stalls[0].probe_ns;
+        let mut maps = Maps::new();
+        let mut timeline = Vec::new();
+        for (&b, bucket) in self.buckets.range(p.from..=p.to) {
+            let mut row = TimelineRow {
+                t_ms: ((b * self.bucket_ns) as i64 - probe_ns as i64) / 1_000_000,
+                ..Default::default()
+            };
+            for (name, entries) in bucket {
+                let is_max = merges_by_max(name);
+                let merged = maps.entry(name.clone()).or_default();
+                for (k, &v) in entries {
+                    let slot = merged.entry(k.clone()).or_insert(0);
+                    *slot = if is_max { (*slot).max(v) } else { *slot + v };
+                }
+                let sum: u64 = entries.values().sum();
+                let max = entries.values().copied().max().unwrap_or(0);
+                match name.as_str() {
+                    "@off" => row.offcpu_us = sum,
+                    "@on" => row.oncpu_samples = sum,
+                    "@lock_wait_max_us" => row.max_lock_wait_us = max,
+                    "@write_hold_us" => row.max_write_hold_us = max,
+                    _ => {}
+                }
+            }
+            timeline.push(row);
+        }
+        let rel_ms = |b: u64| ((b * self.bucket_ns) as i64 - probe_ns as i64) / 1_000_000;
+        Ready {
+            stalls: p.stalls,
+            from_ms: rel_ms(p.from),
+            to_ms: rel_ms(p.to + 1),
+            maps,
+            timeline,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn stall(id: u64, at_ms: u64) -> StallSeen {
+        StallSeen {
+            id,
+            thread_id: 7,
+            elapsed_ns: 30 * MS,
+            probe_ns: at_ms * MS,
+            duration_ns: None,
+        }
+    }
+
+    #[test]
+    fn lines_decode_into_events() {
+        assert_eq!(
+            parse_line(r#"{"type": "printf", "data": "tick 42\n"}"#),
+            Event::Tick(42)
+        );
+        assert_eq!(
+            parse_line(r#"{"type": "printf", "data": "stall_begin 3 77 25000000 9000000000\n"}"#),
+            Event::StallBegin(StallSeen {
+                id: 3,
+                thread_id: 77,
+                elapsed_ns: 25_000_000,
+                probe_ns: 9_000_000_000,
+                duration_ns: None
+            })
+        );
+        assert_eq!(
+            parse_line(r#"{"type": "printf", "data": "stall_end 3 40000000 9015000000\n"}"#),
+            Event::StallEnd {
+                id: 3,
+                duration_ns: 40_000_000
+            }
+        );
+        let map = parse_line(
+            r#"{"type": "map", "data": {"@hold1": {"41,app,\n    dup_mmap+1\n": 32000}}}"#,
+        );
+        assert_eq!(
+            map,
+            Event::Map {
+                name: "@hold".into(),
+                entries: vec![(41, "app,\n    dup_mmap+1\n".into(), 32000)]
+            }
+        );
+        assert_eq!(
+            parse_line(r#"{"type": "lost_events", "data": {"events": 12}}"#),
+            Event::Lost(12)
+        );
+        assert_eq!(parse_line(""), Event::Other);
+        assert_eq!(parse_line("not json"), Event::Other);
+    }
+
+    #[test]
+    fn a_capture_holds_the_buckets_before_the_probe_and_waits_for_the_ones_after() {
+        // 250 ms buckets, 1 s before, 500 ms after.
+        let mut w = Window::new(250 * MS, 1000 * MS, 500 * MS, 1000);
+        for b in 0..=12 {
+            w.add_map("@off", vec![(b, "t,\n    k\n,".into(), 100)]);
+            assert!(w.tick(b + 1).is_empty());
+        }
+        // A write hold in bucket 11 (before the probe, which fires in bucket 12).
+        w.add_map("@hold", vec![(11, "t,\n    dup_mmap\n".into(), 40_000)]);
+        assert!(w.stall_begin(stall(1, 12 * 250 + 10)));
+        // The second heartbeat of the same freeze joins the capture.
+        assert!(!w.stall_begin(stall(2, 12 * 250 + 30)));
+        w.stall_end(1, 45 * MS);
+        let mut ready = Vec::new();
+        for b in 13..=20 {
+            w.add_map("@off", vec![(b, "t,\n    k\n,".into(), 100)]);
+            ready.extend(w.tick(b + 1));
+            if b + 1 < 12 + 2 + SETTLE {
+                assert!(ready.is_empty(), "due too early at tick {}", b + 1);
+            }
+        }
+        assert_eq!(ready.len(), 1);
+        let r = &ready[0];
+        assert_eq!((r.from_ms, r.to_ms), (8 * 250 - 3010, 15 * 250 - 3010));
+        assert_eq!(r.stalls.len(), 2);
+        assert_eq!(r.stalls[0].duration_ns, Some(45 * MS));
+        assert_eq!(r.maps["@off"]["t,\n    k\n,"], 700);
+        assert_eq!(r.maps["@write_hold_us"]["t,\n    dup_mmap\n"], 40_000);
+        assert_eq!(r.timeline.len(), 7);
+        assert_eq!(r.timeline[0].t_ms, -1010);
+        let hold = r.timeline.iter().find(|t| t.max_write_hold_us > 0).unwrap();
+        assert!(
+            hold.t_ms < 0,
+            "the hold happened before the probe: {hold:?}"
+        );
+    }
+
+    #[test]
+    fn old_buckets_are_pruned_and_late_data_is_counted() {
+        let mut w = Window::new(250 * MS, 500 * MS, 500 * MS, 1000);
+        for b in 0..40 {
+            w.add_map("@on", vec![(b, "t,,".into(), 1)]);
+            w.tick(b + 1);
+        }
+        assert!(
+            w.buckets.len() <= 2 + SETTLE as usize + 1,
+            "{}",
+            w.buckets.len()
+        );
+        assert_eq!(w.entries, w.buckets.len());
+        w.add_map("@on", vec![(3, "t,,".into(), 1)]);
+        assert_eq!(w.late_entries, 1);
+    }
+
+    #[test]
+    fn the_entry_cap_refuses_and_counts() {
+        let mut w = Window::new(250 * MS, 500 * MS, 500 * MS, 3);
+        w.add_map("@off", (0..5).map(|i| (0, format!("t{i},,"), 1)).collect());
+        assert_eq!(w.entries, 3);
+        assert_eq!(w.dropped_entries, 2);
+        // An existing key still accumulates.
+        w.add_map("@off", vec![(0, "t0,,".into(), 5)]);
+        assert_eq!(w.buckets[&0]["@off"]["t0,,"], 6);
+    }
+
+    #[test]
+    fn flush_returns_what_is_there() {
+        let mut w = Window::new(250 * MS, 500 * MS, 5000 * MS, 1000);
+        w.add_map("@wait", vec![(4, "t".into(), 900), (4, "u".into(), 1200)]);
+        w.tick(5);
+        w.stall_begin(stall(9, 5 * 250));
+        let r = w.flush();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].timeline[0].max_lock_wait_us, 1200);
+        assert!(w.flush().is_empty());
+    }
+}

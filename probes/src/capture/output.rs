@@ -1,0 +1,62 @@
+//! Writing a capture directory: the same four files whichever mode recorded the data.
+
+use super::{folded, Maps};
+use serde::Serialize;
+use std::path::Path;
+
+/// What [`write_capture`] wrote.
+#[derive(Debug)]
+pub struct Written {
+    /// Lines in `offcpu.folded`.
+    pub offcpu_stacks: usize,
+    /// Lines in `oncpu.folded`.
+    pub oncpu_stacks: usize,
+    /// Why there is no `offcpu.svg`, when there is none (no off-CPU stacks, or inferno failed).
+    pub no_graph: Option<String>,
+}
+
+/// Writes `offcpu.folded`, `oncpu.folded`, `offcpu.svg` (when there are off-CPU stacks) and
+/// `summary.json` into `dir`, which must exist. `title` heads the flame graph.
+pub fn write_capture(
+    dir: &Path,
+    maps: &Maps,
+    title: &str,
+    summary: &impl Serialize,
+) -> std::io::Result<Written> {
+    let off = folded(maps.get("@off"));
+    let on = folded(maps.get("@on"));
+    let write = |name: &str, lines: &[String]| {
+        let mut text = lines.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        std::fs::write(dir.join(name), text)
+    };
+    write("offcpu.folded", &off)?;
+    write("oncpu.folded", &on)?;
+    let json = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("summary.json"), json)?;
+
+    let mut svg = Vec::new();
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.title = title.to_string();
+    opts.count_name = "us".into();
+    opts.colors =
+        inferno::flamegraph::color::Palette::Basic(inferno::flamegraph::color::BasicPalette::Io);
+    let no_graph = if off.is_empty() {
+        Some("no off-CPU stacks".to_string())
+    } else {
+        match inferno::flamegraph::from_lines(&mut opts, off.iter().map(String::as_str), &mut svg) {
+            Ok(()) => {
+                std::fs::write(dir.join("offcpu.svg"), &svg)?;
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        }
+    };
+    Ok(Written {
+        offcpu_stacks: off.len(),
+        oncpu_stacks: on.len(),
+        no_graph,
+    })
+}

@@ -1,0 +1,282 @@
+//! The armed flight recorder end to end: `freezetrap-capture arm` attached to a real process,
+//! which makes a real mmap_lock freeze (a fork with 1 GiB resident while threads mmap) and only
+//! 1.5 s later fires `freezetrap:stall_begin`. The capture must hold the freeze: data from before
+//! the probe fired. Also the arm-specific error exits.
+
+mod common;
+
+use common::ebpf_or_skip;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const EXE: &str = env!("CARGO_BIN_EXE_freezetrap-capture");
+
+/// How long before the probe the freeze happens.
+const LEAD_MS: u64 = 1500;
+
+/// The target: 1 GiB resident and three mmapping threads. On "go" it forks (the freeze), waits
+/// LEAD_MS, fires `stall_begin`, and lives 4 s more. It prints both CLOCK_MONOTONIC times.
+#[test]
+fn child_armed_target() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").as_deref() != Ok("armed-target") {
+        return;
+    }
+    let big = common::resident_gib();
+    common::start_mmappers(3);
+    println!("READY");
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
+    let fork_ns = common::monotonic_ns();
+    common::fork_once();
+    println!("FORKED {fork_ns} {}", common::monotonic_ns());
+    std::thread::sleep(Duration::from_millis(LEAD_MS));
+    let probe_ns = common::monotonic_ns();
+    probes::stall_begin(1, 0, LEAD_MS * 1_000_000);
+    println!("FIRED {probe_ns}");
+    std::thread::sleep(Duration::from_millis(300));
+    probes::stall_end(1, 300_000_000);
+    std::thread::sleep(Duration::from_millis(3700));
+    std::hint::black_box(&big);
+}
+
+/// Lines of `reader` on a channel, so the test can wait for one with a timeout.
+fn lines_of(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(reader).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(rx: &mpsc::Receiver<String>, what: &str, secs: u64, seen: &mut String) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                seen.push_str(&l);
+                seen.push('\n');
+                if l.contains(what) {
+                    return l;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("no {what:?} within {secs} s; saw:\n{seen}");
+}
+
+#[test]
+fn armed_mode_captures_the_seconds_before_stall_begin() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !ebpf_or_skip("armed_mode_captures_the_seconds_before_stall_begin")
+    {
+        return;
+    }
+    let mut target = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_armed_target", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env("FREEZETRAP_TEST_ROLE", "armed-target")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = target.id();
+    let target_out = lines_of(target.stdout.take().unwrap());
+    let mut seen = String::new();
+    wait_for(&target_out, "READY", 60, &mut seen);
+
+    let out_dir: PathBuf = std::env::temp_dir().join(format!("freezetrap-armed-test-{pid}"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let mut rec = Command::new(EXE)
+        .args(["arm", "--pid", &pid.to_string(), "--out"])
+        .arg(&out_dir)
+        .args([
+            "--window",
+            "3",
+            "--after",
+            "1",
+            "--cooldown",
+            "0",
+            "--for",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rec_err = lines_of(rec.stderr.take().unwrap());
+    let rec_out = lines_of(rec.stdout.take().unwrap());
+    let mut rec_seen = String::new();
+    let armed = wait_for(&rec_err, "armed on pid", 30, &mut rec_seen);
+    eprintln!("{armed}");
+    // Two buckets of steady state before the freeze.
+    std::thread::sleep(Duration::from_millis(600));
+    target.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let forked = wait_for(&target_out, "FORKED", 30, &mut seen);
+    let fired = wait_for(&target_out, "FIRED", 30, &mut seen);
+    let began = wait_for(&rec_err, "stall 1 began", 30, &mut rec_seen);
+    eprintln!("{began}");
+    let line = wait_for(&rec_out, "(stall 1,", 30, &mut rec_seen);
+    eprintln!("{line}");
+    let _ = target.wait();
+    let status = rec.wait().unwrap();
+    assert!(status.success(), "recorder failed: {status}\n{rec_seen}");
+
+    let fork_ns: u64 = forked.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let probe_ns: u64 = fired.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let dir = out_dir.join(format!("armed-{pid}-stall-1"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["mode"], "armed");
+    assert_eq!(summary["stalls"][0]["id"], 1);
+    assert_eq!(summary["stalls"][0]["duration_ns"], 300_000_000u64);
+    let probe_seen = summary["stalls"][0]["probe_ns"].as_u64().unwrap();
+    assert!(
+        probe_seen.abs_diff(probe_ns) < 50_000_000,
+        "the probe's time as bpftrace saw it ({probe_seen}) is the target's ({probe_ns})"
+    );
+    let lock = &summary["mmap_lock"];
+    assert!(
+        lock["max_write_hold_us"].as_u64().unwrap() >= 1000,
+        "{summary:#}"
+    );
+    assert!(
+        lock["holder_stack"].as_str().unwrap().contains("dup_mmap"),
+        "{summary:#}"
+    );
+    let window = &summary["window"];
+    assert!(
+        (-3250..=-2750).contains(&window["from_ms"].as_i64().unwrap()),
+        "a 3 s window: {window}"
+    );
+    assert!(
+        window["data_from_ms"].as_i64().unwrap() <= -(LEAD_MS as i64),
+        "data from before the freeze: {window}"
+    );
+
+    // The freeze is in the timeline, in a bucket that ended before the probe fired, about
+    // LEAD_MS earlier.
+    let timeline = summary["timeline"].as_array().unwrap();
+    let hold = timeline
+        .iter()
+        .find(|r| r["max_write_hold_us"].as_u64().unwrap() >= 1000)
+        .unwrap_or_else(|| panic!("no write hold in the timeline: {summary:#}"));
+    let t_ms = hold["t_ms"].as_i64().unwrap();
+    let expected = -((probe_ns - fork_ns) as i64 / 1_000_000);
+    assert!(
+        t_ms + 250 <= 0 && (t_ms - expected).abs() <= 300,
+        "hold at {t_ms} ms, fork at {expected} ms relative to the probe: {summary:#}"
+    );
+    let before: u64 = timeline
+        .iter()
+        .filter(|r| r["t_ms"].as_i64().unwrap() < 0)
+        .map(|r| r["offcpu_us"].as_u64().unwrap())
+        .sum();
+    assert!(
+        before > 0,
+        "off-CPU data from before the probe: {summary:#}"
+    );
+
+    let off = std::fs::read_to_string(dir.join("offcpu.folded")).unwrap();
+    assert!(
+        off.lines().any(|l| l.starts_with("mmapper-")),
+        "thread names in the folded stacks:\n{off}"
+    );
+    assert!(
+        off.contains("rwsem_down_"),
+        "waiters in rwsem slow paths:\n{off}"
+    );
+    common::assert_svg(&dir.join("offcpu.svg"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+fn arm(args: &[&str]) -> (i32, String) {
+    let out = Command::new(EXE).arg("arm").args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn arm_errors_have_their_message_and_exit_code() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let tmp = std::env::temp_dir().join(format!("freezetrap-arm-err-{me}"));
+    let tmp = tmp.to_str().unwrap();
+
+    let (c, e) = arm(&["--out", tmp]);
+    assert_eq!(c, 2, "{e}");
+    assert!(
+        e.starts_with(
+            "freezetrap-capture: arm needs --pid P or --binary PATH: usage: freezetrap-capture arm"
+        ),
+        "{e}"
+    );
+    let (c, e) = arm(&["--binary", "/nonexistent/service", "--out", tmp]);
+    assert_eq!(c, 2, "{e}");
+    assert_eq!(
+        e.trim(),
+        "freezetrap-capture: --binary /nonexistent/service: no such file"
+    );
+    let (c, e) = arm(&[
+        "--pid",
+        &me,
+        "--out",
+        tmp,
+        "--bpftrace",
+        "/nonexistent/bpftrace",
+    ]);
+    assert_eq!(c, 3, "{e}");
+    assert!(e.contains("bpftrace not found"), "{e}");
+
+    if unsafe { libc::geteuid() } != 0 {
+        let (c, e) = arm(&["--pid", &me, "--out", tmp, "--bpftrace", "/bin/true"]);
+        assert_eq!(c, 4, "{e}");
+        assert!(
+            e.contains("run the armed recorder as a root sidecar"),
+            "{e}"
+        );
+        eprintln!("SKIPPED the root-only arm error cases: not root");
+        return;
+    }
+    let (c, e) = arm(&[
+        "--pid",
+        "999999999",
+        "--out",
+        tmp,
+        "--bpftrace",
+        "/bin/true",
+    ]);
+    assert_eq!(c, 6, "{e}");
+    assert_eq!(e.trim(), "freezetrap-capture: target pid 999999999 is gone");
+    let (c, e) = arm(&[
+        "--pid",
+        &me,
+        "--out",
+        "/proc/1/nope",
+        "--bpftrace",
+        "/bin/true",
+    ]);
+    assert_eq!(c, 7, "{e}");
+    assert!(e.contains("/proc/1/nope is not writable"), "{e}");
+    // A "bpftrace" that exits at once: the recorder says so instead of waiting forever.
+    let (c, e) = arm(&["--pid", &me, "--out", tmp, "--bpftrace", "/bin/true"]);
+    assert_eq!(c, 8, "{e}");
+    assert!(
+        e.starts_with(&format!(
+            "freezetrap-capture: bpftrace stopped recording pid {me}"
+        )),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(tmp);
+}
