@@ -195,6 +195,9 @@ pub struct Ring {
 }
 
 /// What a reader found at a sequence number.
+// The event is returned by value on purpose: boxing it would allocate, and readers copy events
+// out of the ring while the allocator may be recording.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
     /// The event, copied out whole.

@@ -269,6 +269,20 @@ fn arm_errors_have_their_message_and_exit_code() {
     ]);
     assert_eq!(c, 7, "{e}");
     assert!(e.contains("/proc/1/nope is not writable"), "{e}");
+    // A process whose binary has no freezetrap probes: nothing could trigger a capture.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let (c, e) = arm(&[
+        "--pid",
+        &sleeper.id().to_string(),
+        "--out",
+        tmp,
+        "--bpftrace",
+        "/bin/true",
+    ]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(c, 9, "{e}");
+    assert!(e.contains("has no freezetrap:stall_begin probe"), "{e}");
     // A "bpftrace" that exits at once: the recorder says so instead of waiting forever.
     let (c, e) = arm(&["--pid", &me, "--out", tmp, "--bpftrace", "/bin/true"]);
     assert_eq!(c, 8, "{e}");

@@ -150,7 +150,19 @@ mod tests {
         assert!(fd >= 0);
         let mut buf = [0u8; 64];
         assert!(read(fd as i32, &mut buf) > 0);
-        assert!(readable(fd as i32) || true);
         close(fd as i32);
+    }
+
+    #[test]
+    fn readable_is_true_only_when_there_is_data() {
+        let mut fds = [0; 2];
+        // SAFETY: a valid array of two fds for pipe() to fill.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        assert!(!readable(fds[0]), "an empty pipe");
+        // SAFETY: writing one byte from a valid buffer to the pipe we own.
+        assert_eq!(unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) }, 1);
+        assert!(readable(fds[0]), "a pipe with a byte in it");
+        close(fds[0]);
+        close(fds[1]);
     }
 }

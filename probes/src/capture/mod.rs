@@ -176,7 +176,7 @@ pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
         })
         .collect();
     let offcpu_total_us = blocking.iter().map(|b| b.us).sum();
-    blocking.sort_by(|a, b| b.us.cmp(&a.us));
+    blocking.sort_by_key(|b| std::cmp::Reverse(b.us));
     blocking.truncate(10);
     let mut lock = MmapLock::default();
     if let Some(w) = maps.get("@lock_wait_max_us") {

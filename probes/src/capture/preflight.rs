@@ -19,6 +19,8 @@ pub const EXIT_TARGET_GONE: u8 = 6;
 pub const EXIT_OUT_NOT_WRITABLE: u8 = 7;
 /// Exit code: bpftrace failed or produced no data.
 pub const EXIT_BPFTRACE_FAILED: u8 = 8;
+/// Exit code: the target's binary has no `freezetrap:stall_begin` probe (armed mode).
+pub const EXIT_NO_PROBE: u8 = 9;
 
 /// A failed check: the exit code and the one-line message.
 #[derive(Debug)]

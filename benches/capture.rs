@@ -1,0 +1,290 @@
+//! The capture side's numbers (issue #4), printed: needs root and bpftrace, else it says so and
+//! exits. `cargo bench --bench capture`
+//!
+//! 1. Time from invocation to recording: the triggered helper (`freezetrap-capture --pid ...`,
+//!    until it prints "recording") and the armed recorder (`arm`, until "armed on pid").
+//! 2. The armed recorder's overhead on a context-switch-heavy workload: two threads bouncing a
+//!    byte through a socket pair (every hop blocks, so every hop is two context switches), in
+//!    alternating 3 s phases without and with the recorder attached to this process, three
+//!    rounds in one run; the ratio of the round-trip rates, and bpftrace's own CPU use.
+//! 3. Output sizes of a 10 s capture of this process (the workload running), triggered and armed
+//!    (5 s before + 5 s after a `stall_begin` this process fires).
+//!
+//! This binary is its own capture helper: run with `--capture-helper ARGS` it is
+//! `freezetrap-capture ARGS`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static GLOBAL: freezetrap::GuardedAlloc<tikv_jemallocator::Jemalloc> =
+    freezetrap::GuardedAlloc::new(tikv_jemallocator::Jemalloc);
+
+/// Two threads bouncing one byte through a socket pair until `stop`; counts round trips.
+fn ping_pong(stop: Arc<AtomicBool>, trips: Arc<AtomicU64>) -> Vec<std::thread::JoinHandle<()>> {
+    let (mut a_write, mut a_read) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (mut b_read, mut b_write) = (a_write.try_clone().unwrap(), a_read.try_clone().unwrap());
+    let stop2 = stop.clone();
+    let ponger = std::thread::Builder::new()
+        .name("pong".into())
+        .spawn(move || {
+            let mut byte = [0u8];
+            while a_read.read_exact(&mut byte).is_ok() {
+                if b_write.write_all(&byte).is_err() || stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+        })
+        .unwrap();
+    let pinger = std::thread::Builder::new()
+        .name("ping".into())
+        .spawn(move || {
+            let mut byte = [1u8];
+            while !stop.load(Ordering::Relaxed) {
+                a_write.write_all(&byte).unwrap();
+                b_read.read_exact(&mut byte).unwrap();
+                trips.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = a_write.write_all(&byte);
+        })
+        .unwrap();
+    vec![pinger, ponger]
+}
+
+fn helper(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.arg("--capture-helper").args(args);
+    c
+}
+
+/// Spawns `cmd` with stderr piped and returns it once a stderr line contains `what`, with the
+/// time that took.
+fn spawn_until(
+    mut cmd: Command,
+    what: &str,
+) -> (Child, Duration, std::sync::mpsc::Receiver<String>) {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = String::new();
+    loop {
+        let Ok(l) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no {what:?} from the helper; it said:\n{seen}");
+        };
+        seen.push_str(&l);
+        seen.push('\n');
+        if l.contains(what) {
+            return (child, t0.elapsed(), rx);
+        }
+    }
+}
+
+fn stop(mut child: Child) -> String {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child.wait().unwrap();
+    out
+}
+
+/// CPU seconds used so far by `pid`'s children that are bpftrace (the recorder's bpftrace).
+fn bpftrace_cpu_s(recorder: u32) -> f64 {
+    let children = std::fs::read_to_string(format!("/proc/{recorder}/task/{recorder}/children"))
+        .unwrap_or_default();
+    let tick = 100.0; // USER_HZ
+    children
+        .split_whitespace()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / tick)
+        })
+        .sum()
+}
+
+/// Context switches of every thread of this process so far.
+fn switches() -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Round trips per second and context switches per second over `secs`.
+fn rate(trips: &AtomicU64, secs: u64) -> (f64, f64) {
+    let (before, sw) = (trips.load(Ordering::Relaxed), switches());
+    std::thread::sleep(Duration::from_secs(secs));
+    (
+        (trips.load(Ordering::Relaxed) - before) as f64 / secs as f64,
+        (switches() - sw) as f64 / secs as f64,
+    )
+}
+
+fn dir_sizes(dir: &std::path::Path) -> String {
+    [
+        "offcpu.folded",
+        "oncpu.folded",
+        "offcpu.svg",
+        "summary.json",
+    ]
+    .iter()
+    .map(|f| {
+        let n = std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        format!("{f} {:.1} KB", n as f64 / 1000.0)
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--capture-helper") {
+        std::process::exit(match probes_run(args[2..].to_vec()) {
+            c if c == std::process::ExitCode::SUCCESS => 0,
+            _ => 1,
+        });
+    }
+    let bpftrace = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("bpftrace").is_file()))
+        .unwrap_or(false);
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 || !bpftrace {
+        println!("capture bench SKIPPED: needs root and bpftrace (apt-get install bpftrace)");
+        return;
+    }
+    let me = std::process::id().to_string();
+    let out = std::env::temp_dir().join(format!("freezetrap-capture-bench-{me}"));
+    let _ = std::fs::remove_dir_all(&out);
+    let outs = out.to_str().unwrap().to_string();
+
+    // 1. Time to recording.
+    for i in 0..3 {
+        let dir = format!("{outs}/t{i}");
+        let (c, t, _) = spawn_until(
+            helper(&["--pid", &me, "--out", &dir, "--duration", "1"]),
+            "recording",
+        );
+        println!(
+            "triggered helper: invocation to recording {:.3} s",
+            t.as_secs_f64()
+        );
+        stop(c);
+        let (c, t, _) = spawn_until(
+            helper(&["arm", "--pid", &me, "--out", &dir]),
+            "armed on pid",
+        );
+        println!(
+            "armed recorder:   invocation to armed     {:.3} s",
+            t.as_secs_f64()
+        );
+        stop(c);
+    }
+
+    // 2. Overhead, alternating phases in one run.
+    let halt = Arc::new(AtomicBool::new(false));
+    let trips = Arc::new(AtomicU64::new(0));
+    let threads = ping_pong(halt.clone(), trips.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut cpu = Vec::new();
+    for _ in 0..3 {
+        without.push(rate(&trips, 3));
+        let (rec, _, _) = spawn_until(
+            helper(&["arm", "--pid", &me, "--out", &outs]),
+            "armed on pid",
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let c0 = bpftrace_cpu_s(rec.id());
+        with.push(rate(&trips, 3));
+        cpu.push((bpftrace_cpu_s(rec.id()) - c0) / 3.0);
+        stop(rec);
+    }
+    let mean =
+        |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    println!(
+        "ping-pong round trips/s without the recorder {:?}, with it {:?}",
+        without.iter().map(|r| r.0 as u64).collect::<Vec<_>>(),
+        with.iter().map(|r| r.0 as u64).collect::<Vec<_>>()
+    );
+    let (rate_without, rate_with) = (mean(&without, |r| r.0), mean(&with, |r| r.0));
+    let per_trip = mean(&without, |r| r.1) / rate_without;
+    println!(
+        "armed recorder overhead: throughput ratio with/without = {:.3} ({:.1}% slower); {:.1} context switches per round trip, so about {:.2} µs added per switch; bpftrace used {:.1}% of one core",
+        rate_with / rate_without,
+        100.0 * (1.0 - rate_with / rate_without),
+        per_trip,
+        (1e6 / rate_with - 1e6 / rate_without) / per_trip,
+        100.0 * cpu.iter().sum::<f64>() / cpu.len() as f64
+    );
+
+    // 3. Output sizes of a 10 s capture, triggered and armed, with the workload running.
+    let dir = format!("{outs}/ten");
+    let status = helper(&["--pid", &me, "--out", &dir, "--duration", "10"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    println!(
+        "triggered 10 s capture: {}",
+        dir_sizes(std::path::Path::new(&dir))
+    );
+    let armed_dir = format!("{outs}/armed");
+    let (rec, _, _) = spawn_until(
+        helper(&[
+            "arm",
+            "--pid",
+            &me,
+            "--out",
+            &armed_dir,
+            "--max-captures",
+            "1",
+        ]),
+        "armed on pid",
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    freezetrap::probes::stall_begin(1, 0, 0);
+    let mut rec = rec;
+    let status = rec.wait().unwrap();
+    assert!(status.success());
+    let cap = std::path::Path::new(&armed_dir).join(format!("armed-{me}-stall-1"));
+    println!("armed capture (5 s + 5 s): {}", dir_sizes(&cap));
+
+    halt.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+fn probes_run(args: Vec<String>) -> std::process::ExitCode {
+    freezetrap::probes::capture::cli::run(args.into_iter())
+}
