@@ -1,5 +1,14 @@
-//! Turning bpftrace's JSON map dump into folded stacks, a flame graph and `summary.json`.
-//! Pure functions: tested without bpftrace, a kernel or root.
+//! The capture side: what runs outside the frozen process.
+//!
+//! Two ways to run it, one output format (`offcpu.folded`, `oncpu.folded`, `offcpu.svg`,
+//! `summary.json`, see [`output`]):
+//! - [`cli`], the triggered helper: the service's watchdog starts it on a stall and it records
+//!   for a fixed time from then on (`capture.bt`);
+//! - [`armed`], the flight recorder: attached in advance, it keeps a rolling window and writes
+//!   it when the target fires `freezetrap:stall_begin` (`armed.bt`).
+//!
+//! This module turns bpftrace's JSON map dumps into folded stacks and the summary: pure
+//! functions, tested without bpftrace, a kernel or root.
 
 use serde::Serialize;
 
