@@ -120,6 +120,7 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
         .arg(args.pid.to_string())
         .arg(args.min_block_us.to_string())
         .arg(args.duration.to_string())
+        .arg(preflight::mmap_lock_write_offset_or_default().to_string())
         .env("BPFTRACE_MAX_STRLEN", "64")
         .env("BPFTRACE_MAP_KEYS_MAX", "8192")
         // One process, one executable: caching its symbols is correct and saves re-reading

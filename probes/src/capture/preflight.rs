@@ -110,6 +110,48 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// The offset of the `write` flag in the records of the three `mmap_lock` events, read from their
+/// tracefs `format` files (the programs read the flag by offset: see `capture.bt`). An error
+/// says why it could not be read or the events disagree.
+pub fn mmap_lock_write_offset() -> Result<u64, String> {
+    let mut found = Vec::new();
+    for event in [
+        "mmap_lock_start_locking",
+        "mmap_lock_acquire_returned",
+        "mmap_lock_released",
+    ] {
+        let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .find_map(|t| std::fs::read_to_string(format!("{t}/events/mmap_lock/{event}/format")).ok())
+            .ok_or_else(|| format!("no tracefs format for mmap_lock:{event}"))?;
+        found.push(
+            write_offset_in(&format)
+                .ok_or_else(|| format!("mmap_lock:{event} has no `bool write` field"))?,
+        );
+    }
+    if found.windows(2).any(|w| w[0] != w[1]) {
+        return Err(format!(
+            "the mmap_lock events keep `write` at different offsets {found:?}"
+        ));
+    }
+    Ok(found[0])
+}
+
+/// The offset of `field:bool write;` in a tracefs event `format` text.
+fn write_offset_in(format: &str) -> Option<u64> {
+    let line = format.lines().find(|l| l.contains("field:bool write;"))?;
+    let (_, rest) = line.split_once("offset:")?;
+    rest.split(';').next()?.trim().parse().ok()
+}
+
+/// [`mmap_lock_write_offset`], or 24 (x86-64, Linux 6.x) after a one-line warning.
+pub fn mmap_lock_write_offset_or_default() -> u64 {
+    mmap_lock_write_offset().unwrap_or_else(|e| {
+        eprintln!("freezetrap-capture: {e}; assuming offset 24 for mmap_lock's write flag");
+        24
+    })
+}
+
 /// Creates `dir` (and parents) and proves it is writable by writing and removing a file.
 pub fn writable_dir(dir: &Path) -> Result<(), Refusal> {
     let probe = dir.join(".freezetrap-probe");
@@ -135,6 +177,17 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         assert!(!pid_alive(pid));
+    }
+
+    #[test]
+    fn the_write_offset_comes_from_the_format_text() {
+        let format = "name: mmap_lock_released\nID: 676\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:struct mm_struct * mm;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:u64 memcg_id;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:bool write;\toffset:24;\tsize:1;\tsigned:0;\n";
+        assert_eq!(write_offset_in(format), Some(24));
+        assert_eq!(write_offset_in("field:bool success;\toffset:25;"), None);
+        // Where tracefs is mounted (CI), the three events agree.
+        if Path::new("/sys/kernel/tracing/events/mmap_lock").exists() {
+            assert!(mmap_lock_write_offset().is_ok());
+        }
     }
 
     #[test]

@@ -253,6 +253,7 @@ impl Recorder<'_> {
             .arg(exe)
             .arg(self.args.min_block_us.to_string())
             .arg(BUCKET_MS.to_string())
+            .arg(preflight::mmap_lock_write_offset_or_default().to_string())
             .env("BPFTRACE_MAX_STRLEN", "64")
             .env("BPFTRACE_MAP_KEYS_MAX", "8192")
             // Maps are printed (and user stacks symbolized) four times a second. Uncached,
