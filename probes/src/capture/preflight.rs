@@ -122,7 +122,9 @@ pub fn mmap_lock_write_offset() -> Result<u64, String> {
     ] {
         let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
             .iter()
-            .find_map(|t| std::fs::read_to_string(format!("{t}/events/mmap_lock/{event}/format")).ok())
+            .find_map(|t| {
+                std::fs::read_to_string(format!("{t}/events/mmap_lock/{event}/format")).ok()
+            })
             .ok_or_else(|| format!("no tracefs format for mmap_lock:{event}"))?;
         found.push(
             write_offset_in(&format)
