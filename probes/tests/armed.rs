@@ -294,3 +294,108 @@ fn arm_errors_have_their_message_and_exit_code() {
     );
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// A stand-in for bpftrace that says it attached and then hangs: `exec sleep`, so the pid the
+/// recorder started is the one that must go away.
+fn hanging_bpftrace(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join("hanging-bpftrace");
+    std::fs::write(
+        &p,
+        "#!/bin/sh\nprintf '{\"type\": \"printf\", \"data\": \"armed\"}\\n'\nexec sleep 1000\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(s)
+                if s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z')) =>
+            {
+                return true
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    false
+}
+
+/// Neither a hung bpftrace nor a killed recorder leaves bpftrace behind.
+#[test]
+fn a_hung_bpftrace_is_stopped_and_a_killed_recorder_takes_it_along() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok() {
+        return;
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED a_hung_bpftrace_is_stopped_and_a_killed_recorder_takes_it_along: the recorder's checks need root");
+        return;
+    }
+    // This test binary carries the stall_begin probe (child_armed_target fires it).
+    let me = std::process::id().to_string();
+    let tmp = std::env::temp_dir().join(format!("freezetrap-arm-hang-{me}"));
+    let fake = hanging_bpftrace(&tmp);
+    let out = tmp.join("out");
+    let out = out.to_str().unwrap();
+
+    // Hung: silence past --silence-limit is exit 8, and the fake is stopped.
+    let mut rec = Command::new(EXE)
+        .args([
+            "arm",
+            "--pid",
+            &me,
+            "--out",
+            out,
+            "--silence-limit",
+            "2",
+            "--bpftrace",
+        ])
+        .arg(&fake)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rec_err = lines_of(rec.stderr.take().unwrap());
+    let mut seen = String::new();
+    wait_for(&rec_err, "armed on pid", 30, &mut seen);
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", rec.id()))
+        .unwrap_or_default();
+    let fake_pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let status = rec.wait().unwrap();
+    let said: Vec<String> = rec_err.try_iter().collect();
+    assert_eq!(status.code(), Some(8), "{said:?}");
+    assert!(
+        said.iter()
+            .any(|l| l == "freezetrap-capture: bpftrace printed nothing for 2 s; stopped it"),
+        "{said:?}"
+    );
+    assert!(
+        gone_within(fake_pid, Duration::from_secs(1)),
+        "the hung bpftrace is still there"
+    );
+
+    // Killed: SIGKILL gives the recorder no chance to clean up; PR_SET_PDEATHSIG does it.
+    let mut rec = Command::new(EXE)
+        .args(["arm", "--pid", &me, "--out", out, "--bpftrace"])
+        .arg(&fake)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rec_err = lines_of(rec.stderr.take().unwrap());
+    wait_for(&rec_err, "armed on pid", 30, &mut seen);
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", rec.id()))
+        .unwrap_or_default();
+    let fake_pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    rec.kill().unwrap();
+    rec.wait().unwrap();
+    assert!(
+        gone_within(fake_pid, Duration::from_secs(3)),
+        "bpftrace outlived the recorder that was killed"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}

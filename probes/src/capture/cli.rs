@@ -17,7 +17,7 @@ use super::output::write_capture;
 use super::preflight::{self, Refusal};
 use super::{human, parse_maps, summarize, CAPTURE_BT};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 struct Args {
@@ -113,7 +113,7 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
             ),
         );
     }
-    let mut child = match Command::new(&bpftrace)
+    let mut child = match super::bpftrace_command(&bpftrace)
         .arg("-f")
         .arg("json")
         .arg(&script)
@@ -121,11 +121,6 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
         .arg(args.min_block_us.to_string())
         .arg(args.duration.to_string())
         .arg(preflight::mmap_lock_write_offset_or_default().to_string())
-        .env("BPFTRACE_MAX_STRLEN", "64")
-        .env("BPFTRACE_MAP_KEYS_MAX", "8192")
-        // One process, one executable: caching its symbols is correct and saves re-reading
-        // the ELF (and /proc/PID/maps) for every frame when the maps are printed.
-        .env("BPFTRACE_CACHE_USER_SYMBOLS", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

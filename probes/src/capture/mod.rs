@@ -18,6 +18,36 @@ pub mod output;
 pub mod preflight;
 use std::collections::BTreeMap;
 
+/// A `Command` for bpftrace with what both modes need: map and string caps (bounded memory in
+/// the kernel and in the output), cached user symbols (one target, one executable per bpftrace;
+/// uncached, bpftrace re-reads the ELF and /proc/PID/maps for every frame it prints), and
+/// SIGTERM when this process dies, so a killed helper or recorder never leaves bpftrace
+/// attached behind it.
+pub(crate) fn bpftrace_command(bpftrace: &std::path::Path) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(bpftrace);
+    cmd.env("BPFTRACE_MAX_STRLEN", "64")
+        .env("BPFTRACE_MAP_KEYS_MAX", "8192")
+        .env("BPFTRACE_CACHE_USER_SYMBOLS", "1");
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe calls (prctl, getppid); it allocates nothing. (A pre_exec makes std
+    // fork instead of posix_spawn: fine here, the helper and the recorder are small processes
+    // that are never the frozen one.)
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            // The parent may have died before the prctl: then nobody will signal us.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("parent exited"));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).
 pub const CAPTURE_BT: &str = include_str!("../../bpftrace/capture.bt");
 

@@ -3,7 +3,7 @@
 //! ```text
 //! freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S]
 //!     [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S]
-//!     [--bpftrace PATH]
+//!     [--silence-limit S] [--bpftrace PATH]
 //! ```
 //! The triggered helper starts bpftrace when a stall is detected, so it records from about a
 //! second after the detection (bpftrace 0.17 takes ~1 s to compile and attach). The armed
@@ -23,7 +23,8 @@
 //! service restart). Stalls less than `--cooldown` seconds (default 10) after a capture's window
 //! are counted, not captured; `--max-captures` stops the recorder after N captures; capture
 //! directories beyond `--max-bytes` (default 1 GiB) are deleted oldest first; `--for` ends the
-//! recording after S seconds.
+//! recording after S seconds. bpftrace printing nothing for `--silence-limit` seconds (default 60)
+//! is a hang: the recorder stops it and exits 8. bpftrace gets SIGTERM if the recorder dies.
 
 mod window;
 
@@ -36,7 +37,7 @@ use serde::Serialize;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -67,15 +68,17 @@ struct Args {
     max_captures: Option<u64>,
     max_bytes: u64,
     run_for: Option<u64>,
+    silence_limit: Duration,
     bpftrace: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S] [--bpftrace PATH]";
+const USAGE: &str = "usage: freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S] [--silence-limit S] [--bpftrace PATH]";
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut target, mut out, mut bpftrace) = (None, None, None);
     let (mut window_s, mut after_s, mut min_block_us, mut cooldown_s) = (5, 5, 1000, 10);
     let (mut max_captures, mut max_bytes, mut run_for) = (None, 1u64 << 30, None);
+    let mut silence_limit = 60;
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
         let mut num = |what: &str| -> Result<u64, String> {
@@ -94,6 +97,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--max-captures" => max_captures = Some(num("a count")?),
             "--max-bytes" => max_bytes = num("bytes")?,
             "--for" => run_for = Some(num("whole seconds")?),
+            "--silence-limit" => silence_limit = num("whole seconds")?,
             "--bpftrace" => bpftrace = Some(PathBuf::from(val()?)),
             "-h" | "--help" => return Err("usage".into()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -116,6 +120,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         max_captures,
         max_bytes,
         run_for,
+        silence_limit: Duration::from_secs(silence_limit.max(1)),
         bpftrace,
     })
 }
@@ -245,7 +250,11 @@ impl Recorder<'_> {
     }
 
     fn spawn_bpftrace(&self, pid: u32, exe: &Path, script: &Path) -> Result<Child, Refusal> {
-        Command::new(&self.bpftrace)
+        // Maps are printed (and user stacks symbolized) four times a second: the symbol
+        // cache that bpftrace_command turns on is what keeps that cheap (uncached, one print of
+        // 100 stacks took 3.5 s on the demo binary, and blocked while the target's mmap_lock
+        // was held).
+        super::bpftrace_command(&self.bpftrace)
             .arg("-f")
             .arg("json")
             .arg(script)
@@ -254,13 +263,6 @@ impl Recorder<'_> {
             .arg(self.args.min_block_us.to_string())
             .arg(BUCKET_MS.to_string())
             .arg(preflight::mmap_lock_write_offset_or_default().to_string())
-            .env("BPFTRACE_MAX_STRLEN", "64")
-            .env("BPFTRACE_MAP_KEYS_MAX", "8192")
-            // Maps are printed (and user stacks symbolized) four times a second. Uncached,
-            // bpftrace re-reads the ELF and /proc/PID/maps for every frame: seconds per print on
-            // a large binary, and blocked while the target's mmap_lock is held. One process and
-            // one executable per bpftrace, so the cache is correct.
-            .env("BPFTRACE_CACHE_USER_SYMBOLS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -326,8 +328,29 @@ impl Recorder<'_> {
         );
         let mut lost = 0u64;
         let mut armed = false;
+        let mut last_line = Instant::now();
         let outcome = loop {
             let line = rx.recv_timeout(Duration::from_millis(200));
+            if line.is_ok() {
+                last_line = Instant::now();
+            } else if last_line.elapsed() > self.args.silence_limit {
+                // bpftrace prints a tick four times a second once attached. Silence this long is
+                // a hang (a freeze of the target delays prints only by its length, and the
+                // buckets keep their own times, so a late print loses nothing).
+                stop_child(&mut child);
+                break Err(Refusal::new(
+                    preflight::EXIT_BPFTRACE_FAILED,
+                    format!(
+                        "bpftrace {} for {} s; stopped it",
+                        if armed {
+                            "printed nothing"
+                        } else {
+                            "did not attach"
+                        },
+                        self.args.silence_limit.as_secs()
+                    ),
+                ));
+            }
             if self.should_stop() {
                 break Ok(Outcome::Stopped);
             }
@@ -594,7 +617,12 @@ fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: &Path) {
 
 /// Stops bpftrace: SIGINT first (it detaches cleanly), SIGKILL if it has not exited in 2 s.
 fn stop_child(child: &mut Child) {
-    // SAFETY: kill() on our own child's pid; at worst ESRCH if it already exited.
+    // Once reaped, the pid may belong to someone else: never signal it then.
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill() on our own child, which has not been reaped (checked above), so the pid
+    // is still its own.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
