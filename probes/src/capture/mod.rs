@@ -196,6 +196,11 @@ pub struct Summary {
     pub offcpu_total_us: u64,
     /// Heaviest off-CPU stacks, heaviest first (at most 10).
     pub top_blocking: Vec<Blocking>,
+    /// The same without threads that were idle by choice (sleeping, polling): what a freeze
+    /// made threads wait for. Heaviest first, at most 10.
+    pub top_waits: Vec<Blocking>,
+    /// Off-CPU time of those idle stacks, µs.
+    pub idle_us: u64,
     /// mmap_lock waits and holds.
     pub mmap_lock: MmapLock,
     /// On-CPU samples recorded.
@@ -216,6 +221,20 @@ pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
         .collect();
     let offcpu_total_us = blocking.iter().map(|b| b.us).sum();
     blocking.sort_by_key(|b| std::cmp::Reverse(b.us));
+    let idle_us = blocking
+        .iter()
+        .filter(|b| is_idle(&b.stack))
+        .map(|b| b.us)
+        .sum();
+    let top_waits: Vec<Blocking> = blocking
+        .iter()
+        .filter(|b| !is_idle(&b.stack))
+        .take(10)
+        .map(|b| Blocking {
+            stack: b.stack.clone(),
+            us: b.us,
+        })
+        .collect();
     blocking.truncate(10);
     let mut lock = MmapLock::default();
     if let Some(w) = maps.get("@lock_wait_max_us") {
@@ -237,19 +256,66 @@ pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
         duration_s,
         offcpu_total_us,
         top_blocking: blocking,
+        top_waits,
+        idle_us,
         mmap_lock: lock,
         oncpu_samples,
     }
+}
+
+/// Kernel functions a thread sits in when it waits because it chose to (a sleep, an idle poll),
+/// not because something held it up.
+const IDLE_FRAMES: [&str; 6] = [
+    "do_nanosleep",
+    "ep_poll",
+    "do_epoll_wait",
+    "do_sys_poll",
+    "do_select",
+    "core_sys_select",
+];
+
+fn kernel_name(frame: &str) -> Option<&str> {
+    frame.strip_suffix("_[k]")
+}
+
+/// True when a folded stack is a thread idle by choice (see [`IDLE_FRAMES`]).
+pub fn is_idle(folded_stack: &str) -> bool {
+    folded_stack
+        .split(';')
+        .filter_map(kernel_name)
+        .any(|f| IDLE_FRAMES.contains(&f))
+}
+
+/// Where a folded off-CPU stack waits: its innermost frames past the scheduler's own
+/// (`__schedule`, `schedule`, ...), innermost first, at most 3, e.g.
+/// `rwsem_down_write_slowpath <- vm_mmap_pgoff <- do_syscall_64`.
+pub fn wait_site(folded_stack: &str) -> String {
+    let scheduler = |f: &str| {
+        let f = kernel_name(f).unwrap_or(f);
+        f == "schedule"
+            || f.starts_with("__schedule")
+            || f.starts_with("schedule_")
+            || f.starts_with("io_schedule")
+            || f.starts_with("preempt_schedule")
+    };
+    folded_stack
+        .rsplit(';')
+        .skip_while(|f| scheduler(f))
+        .take(3)
+        .map(|f| kernel_name(f).unwrap_or(f))
+        .collect::<Vec<_>>()
+        .join(" <- ")
 }
 
 /// The one-paragraph human summary printed on stdout.
 pub fn human(s: &Summary) -> String {
     let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
     let mut out = format!(
-        "freezetrap-capture: pid {} for {} s: {} off CPU",
+        "freezetrap-capture: pid {} for {} s: {} off CPU ({} of it idle)",
         s.pid,
         s.duration_s,
-        ms(s.offcpu_total_us)
+        ms(s.offcpu_total_us),
+        ms(s.idle_us)
     );
     if s.mmap_lock.max_write_hold_us > 0 {
         let holder: Vec<&str> = s.mmap_lock.holder_stack.rsplit(';').take(3).collect();
@@ -261,13 +327,10 @@ pub fn human(s: &Summary) -> String {
             ms(s.mmap_lock.max_wait_us)
         ));
     }
-    if let Some(b) = s.top_blocking.first() {
-        let tail: Vec<&str> = b.stack.rsplit(';').take(3).collect();
-        out.push_str(&format!(
-            "; top blocking stack ({}): {}",
-            ms(b.us),
-            tail.join(" <- ")
-        ));
+    match s.top_waits.first() {
+        Some(b) => out.push_str(&format!("; top wait ({}): {}", ms(b.us), wait_site(&b.stack))),
+        None if s.idle_us > 0 => out.push_str("; every off-CPU stack was an idle sleep or poll"),
+        None => {}
     }
     out
 }
@@ -277,7 +340,7 @@ mod tests {
     use super::*;
 
     const SAMPLE: &str = r#"{"type": "attached_probes", "data": {"probes": 6}}
-{"type": "map", "data": {"@off": {"mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10}}}
+{"type": "map", "data": {"@off": {"mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10, "sleeper,\n    __schedule+1\n    schedule+2\n    do_nanosleep+3\n    hrtimer_nanosleep+4\n,": 90000}}}
 {"type": "map", "data": {"@lock_wait_max_us": {"mmapper-0": 50400, "mmapper-1": 900}}}
 {"type": "map", "data": {"@write_hold_us": {"app,\n    mmap_write_unlock+10\n    dup_mmap+900\n    copy_process+2000\n    kernel_clone+100\n": 48800}}}
 {"type": "map", "data": {"@on": {"app,\n    x+1\n,\n": 7}}}
@@ -287,7 +350,7 @@ mod tests {
     fn folded_lines_go_outermost_first_with_kernel_marks() {
         let maps = parse_maps(SAMPLE);
         let f = folded(maps.get("@off"));
-        assert_eq!(f.len(), 2);
+        assert_eq!(f.len(), 3);
         assert!(f.contains(&"mmapper-0;my_app::worker;mmap64;vm_mmap_pgoff_[k];rwsem_down_write_slowpath_[k];schedule_[k];__schedule_[k] 48000".to_string()), "{f:#?}");
         assert!(
             f.iter()
@@ -299,8 +362,11 @@ mod tests {
     #[test]
     fn summary_has_the_contract_fields_and_reads_like_a_sentence() {
         let s = summarize(42, 10, &parse_maps(SAMPLE));
-        assert_eq!(s.offcpu_total_us, 48010);
-        assert_eq!(s.top_blocking[0].us, 48000);
+        assert_eq!(s.offcpu_total_us, 138010);
+        assert_eq!(s.top_blocking[0].us, 90000, "the sleeper is the heaviest stack");
+        assert_eq!(s.idle_us, 90000);
+        assert_eq!(s.top_waits[0].us, 48000, "but not a wait");
+        assert_eq!(s.top_waits.len(), 2);
         assert_eq!(s.mmap_lock.max_wait_us, 50400);
         assert_eq!(s.mmap_lock.max_write_hold_us, 48800);
         assert_eq!(s.mmap_lock.waiters, 1);
@@ -315,14 +381,29 @@ mod tests {
             "duration_s",
             "offcpu_total_us",
             "top_blocking",
+            "top_waits",
+            "idle_us",
             "mmap_lock",
         ] {
             assert!(j.get(k).is_some(), "{k}");
         }
         assert_eq!(
             human(&s),
-            "freezetrap-capture: pid 42 for 10 s: 48.0 ms off CPU; mmap_lock held for write 48.8 ms by mmap_write_unlock <- dup_mmap <- copy_process; 1 thread(s) waited up to 50.4 ms; top blocking stack (48.0 ms): __schedule_[k] <- schedule_[k] <- rwsem_down_write_slowpath_[k]"
+            "freezetrap-capture: pid 42 for 10 s: 138.0 ms off CPU (90.0 ms of it idle); mmap_lock held for write 48.8 ms by mmap_write_unlock <- dup_mmap <- copy_process; 1 thread(s) waited up to 50.4 ms; top wait (48.0 ms): rwsem_down_write_slowpath <- vm_mmap_pgoff <- mmap64"
         );
+    }
+
+    #[test]
+    fn idle_stacks_and_wait_sites() {
+        assert!(is_idle("t;nanosleep;do_nanosleep_[k];schedule_[k]"));
+        assert!(is_idle("t;epoll_wait;do_epoll_wait_[k];ep_poll_[k];schedule_[k]"));
+        assert!(!is_idle("t;do_nanosleep;futex_wait_[k]"), "a user frame of that name is not idle");
+        assert!(!is_idle("t;read;io_schedule_[k]"));
+        assert_eq!(
+            wait_site("t;f;filemap_fault_[k];folio_wait_bit_common_[k];io_schedule_[k];schedule_[k];__schedule_[k]"),
+            "folio_wait_bit_common <- filemap_fault <- f"
+        );
+        assert_eq!(wait_site("t;__schedule_[k]"), "t");
     }
 
     #[test]
