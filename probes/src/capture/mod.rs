@@ -328,7 +328,11 @@ pub fn human(s: &Summary) -> String {
         ));
     }
     match s.top_waits.first() {
-        Some(b) => out.push_str(&format!("; top wait ({}): {}", ms(b.us), wait_site(&b.stack))),
+        Some(b) => out.push_str(&format!(
+            "; top wait ({}): {}",
+            ms(b.us),
+            wait_site(&b.stack)
+        )),
         None if s.idle_us > 0 => out.push_str("; every off-CPU stack was an idle sleep or poll"),
         None => {}
     }
@@ -363,7 +367,10 @@ mod tests {
     fn summary_has_the_contract_fields_and_reads_like_a_sentence() {
         let s = summarize(42, 10, &parse_maps(SAMPLE));
         assert_eq!(s.offcpu_total_us, 138010);
-        assert_eq!(s.top_blocking[0].us, 90000, "the sleeper is the heaviest stack");
+        assert_eq!(
+            s.top_blocking[0].us, 90000,
+            "the sleeper is the heaviest stack"
+        );
         assert_eq!(s.idle_us, 90000);
         assert_eq!(s.top_waits[0].us, 48000, "but not a wait");
         assert_eq!(s.top_waits.len(), 2);
@@ -396,8 +403,13 @@ mod tests {
     #[test]
     fn idle_stacks_and_wait_sites() {
         assert!(is_idle("t;nanosleep;do_nanosleep_[k];schedule_[k]"));
-        assert!(is_idle("t;epoll_wait;do_epoll_wait_[k];ep_poll_[k];schedule_[k]"));
-        assert!(!is_idle("t;do_nanosleep;futex_wait_[k]"), "a user frame of that name is not idle");
+        assert!(is_idle(
+            "t;epoll_wait;do_epoll_wait_[k];ep_poll_[k];schedule_[k]"
+        ));
+        assert!(
+            !is_idle("t;do_nanosleep;futex_wait_[k]"),
+            "a user frame of that name is not idle"
+        );
         assert!(!is_idle("t;read;io_schedule_[k]"));
         assert_eq!(
             wait_site("t;f;filemap_fault_[k];folio_wait_bit_common_[k];io_schedule_[k];schedule_[k];__schedule_[k]"),
