@@ -1,7 +1,8 @@
 //! freezetrap: catch the freezes nobody can log.
 //!
-//! See the README for the full story. Install the allocator, call [`init_from_env`], and set
-//! `FREEZETRAP_*` variables:
+//! A service installs [`GuardedAlloc`] as its global allocator and calls [`init_from_env`] at
+//! the top of `main`. With no `FREEZETRAP_*` variable set nothing runs, and an allocation costs
+//! one relaxed load and one compare more than the inner allocator's:
 //!
 //! ```
 //! #[global_allocator]
@@ -11,6 +12,46 @@
 //! fn main() {
 //!     let _freezetrap = freezetrap::init_from_env(); // off when no variable is set
 //! }
+//! ```
+//!
+//! Then, per variable (the README has the full table):
+//! - `FREEZETRAP_ALLOC_THRESHOLD=256MiB` records every allocation at least that large, with a
+//!   backtrace, and fires the USDT probe `freezetrap:large_alloc` ([`alloc_guard`], [`probes`]);
+//! - `FREEZETRAP_STALL=500ms` starts the watchdog ([`watchdog`]): a [`Heartbeat`] that stops
+//!   beating, or the whole process falling behind, is a stall, reported with the large
+//!   allocations just before it and every thread's kernel state, and announced through the probe
+//!   `freezetrap:stall_begin`;
+//! - `FREEZETRAP_CAPTURE=/usr/local/bin/freezetrap-capture` runs that helper during the stall to
+//!   record off-CPU stacks and `mmap_lock` waits with bpftrace. Or, without giving the service
+//!   any privilege, run `freezetrap-capture arm --binary /path/to/service --out DIR` as root
+//!   beside it: the armed recorder keeps the last seconds of the same data and writes them out on
+//!   every `stall_begin` ([`probes::capture::armed`]).
+//!
+//! Heartbeats mark progress where the service makes it:
+//!
+//! ```
+//! let hb = freezetrap::Heartbeat::new("event-loop");
+//! for _request in 0..3 {
+//!     hb.beat(); // one relaxed store of the time
+//!     // ... handle one request ...
+//! }
+//! ```
+//!
+//! In tests the same allocator enforces a size limit on a code path, with no variable set:
+//!
+//! ```should_panic
+//! #[global_allocator]
+//! static GLOBAL: freezetrap::GuardedAlloc<std::alloc::System> =
+//!     freezetrap::GuardedAlloc::new(std::alloc::System);
+//!
+//! fn build_index(n: usize) -> Vec<u64> {
+//!     (0..n as u64).collect()
+//! }
+//!
+//! // Fine: 8 KiB.
+//! freezetrap::assert_no_large_allocs(1 << 20, || build_index(1024));
+//! // Panics, naming the 8 MiB allocation and its call site.
+//! freezetrap::assert_no_large_allocs(1 << 20, || build_index(1 << 20));
 //! ```
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
