@@ -26,14 +26,13 @@
 //! recording after S seconds. bpftrace printing nothing for `--silence-limit` seconds (default 60)
 //! is a hang: the recorder stops it and exits 8. bpftrace gets SIGTERM if the recorder dies.
 
+mod disk;
+mod program;
 mod window;
 
 pub use window::{parse_line, Event, Ready, StallSeen, TimelineRow, Window};
 
-use super::output::write_capture;
 use super::preflight::{self, Refusal};
-use super::{human, summarize, Summary};
-use serde::Serialize;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -290,7 +289,7 @@ impl Recorder<'_> {
                 format!("the executable of pid {pid} was deleted or replaced ({}): the USDT probes cannot be attached; restart the target", exe.display()),
             ));
         }
-        let program = program_for(&exe)?;
+        let program = program::for_binary(&exe)?;
         let script = self.args.out.join(format!(".armed-{pid}.bt"));
         std::fs::write(&script, program).map_err(|e| {
             Refusal::new(
@@ -442,115 +441,20 @@ impl Recorder<'_> {
     }
 
     fn write(&mut self, pid: u32, window: &Window, ready: Ready, lost: u64) {
-        let first = &ready.stalls[0];
-        let Some(dir) = fresh_dir(&self.args.out, &format!("armed-{pid}-stall-{}", first.id))
-        else {
-            eprintln!(
-                "freezetrap-capture: cannot create a capture directory in {}",
-                self.args.out.display()
-            );
-            return;
+        let counts = disk::Counts {
+            late_entries: window.late_entries,
+            dropped_entries: window.dropped_entries,
+            lost_events: lost,
         };
-        let span_ms = (ready.to_ms - ready.from_ms) as u64;
-        let capture = summarize(pid, span_ms.div_ceil(1000), &ready.maps);
-        let summary = ArmedSummary {
-            line: human(&capture),
-            capture,
-            mode: "armed",
-            stalls: &ready.stalls,
-            window: WindowInfo {
-                bucket_ms: BUCKET_MS,
-                from_ms: ready.from_ms,
-                to_ms: ready.to_ms,
-                data_from_ms: ready.timeline.first().map(|r| r.t_ms),
-                late_entries: window.late_entries,
-                dropped_entries: window.dropped_entries,
-                lost_events: lost,
-            },
-            timeline: &ready.timeline,
-        };
-        let title = format!(
-            "Off-CPU time, pid {pid}, stall {} (armed: {} ms before to {} ms after the probe)",
-            first.id, -summary.window.from_ms, summary.window.to_ms
-        );
-        match write_capture(&dir, &ready.maps, &title, &summary) {
-            Ok(_) => {
+        match disk::write(&self.args.out, pid, &ready, counts) {
+            Ok((dir, line)) => {
                 self.captures += 1;
-                println!(
-                    "{} (stall {}, window {:+.2} s..{:+.2} s; {})",
-                    summary.line,
-                    first.id,
-                    summary.window.from_ms as f64 / 1000.0,
-                    summary.window.to_ms as f64 / 1000.0,
-                    dir.display()
-                );
-                enforce_byte_cap(&self.args.out, self.args.max_bytes, &dir);
+                println!("{line}");
+                disk::enforce_byte_cap(&self.args.out, self.args.max_bytes, &dir);
             }
-            Err(e) => eprintln!("freezetrap-capture: writing {} failed: {e}", dir.display()),
+            Err(e) => eprintln!("freezetrap-capture: {e}"),
         }
     }
-}
-
-/// `armed.bt` for the binary `exe`: refused without `stall_begin` (nothing would ever trigger a
-/// capture); without `stall_end` (the watchdog's code path that fires it was not linked), that
-/// probe's block is left out, since bpftrace refuses a program with a missing probe.
-fn program_for(exe: &Path) -> Result<String, Refusal> {
-    let probes = crate::stapsdt::probes_in(exe).map_err(|e| {
-        Refusal::new(
-            preflight::EXIT_NO_PROBE,
-            format!("cannot read the probes of {}: {e}", exe.display()),
-        )
-    })?;
-    let has = |name: &str| {
-        probes
-            .iter()
-            .any(|(p, n)| p == crate::PROVIDER && n == name)
-    };
-    if !has("stall_begin") {
-        return Err(Refusal::new(
-            preflight::EXIT_NO_PROBE,
-            format!("{} has no freezetrap:stall_begin probe: the armed recorder needs a service built with freezetrap that starts the watchdog (init_from_env with FREEZETRAP_STALL set)", exe.display()),
-        ));
-    }
-    let mut program = ARMED_BT.to_string();
-    if !has("stall_end") {
-        if let Some(start) = program.find("usdt:$2:freezetrap:stall_end") {
-            let end = program[start..]
-                .find("\n}\n")
-                .map_or(program.len(), |i| start + i + 3);
-            program.replace_range(start..end, "");
-        }
-    }
-    Ok(program)
-}
-
-/// `summary.json` of an armed capture: the triggered capture's fields plus the window.
-#[derive(Serialize)]
-struct ArmedSummary<'a> {
-    #[serde(flatten)]
-    capture: Summary,
-    /// The one-line human summary.
-    line: String,
-    mode: &'static str,
-    stalls: &'a [StallSeen],
-    window: WindowInfo,
-    timeline: &'a [TimelineRow],
-}
-
-#[derive(Serialize)]
-struct WindowInfo {
-    bucket_ms: u64,
-    /// Window start and end relative to the first probe, ms.
-    from_ms: i64,
-    to_ms: i64,
-    /// The first bucket with data (later than `from_ms` when the recorder was armed less than
-    /// a window before the stall).
-    data_from_ms: Option<i64>,
-    /// Recorder-wide counts so far: entries too late for the window, entries over the memory
-    /// cap, perf events bpftrace lost. Non-zero means this capture may be missing data.
-    late_entries: u64,
-    dropped_entries: u64,
-    lost_events: u64,
 }
 
 fn monotonic_ns() -> u64 {
@@ -561,58 +465,6 @@ fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Creates `out/name` (or `out/name-2`, ...) so a capture never overwrites an earlier one.
-fn fresh_dir(out: &Path, name: &str) -> Option<PathBuf> {
-    (1..1000).find_map(|n| {
-        let dir = if n == 1 {
-            out.join(name)
-        } else {
-            out.join(format!("{name}-{n}"))
-        };
-        std::fs::create_dir(&dir).ok().map(|_| dir)
-    })
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
-}
-
-/// Deletes the oldest `armed-*` capture directories in `out` until they total at most
-/// `max_bytes`; `newest` (just written) is kept whatever its size.
-fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: &Path) {
-    let mut dirs: Vec<(std::time::SystemTime, PathBuf, u64)> = std::fs::read_dir(out)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("armed-"))
-        .filter_map(|e| {
-            let m = e.metadata().ok().filter(|m| m.is_dir())?;
-            Some((m.modified().ok()?, e.path(), dir_bytes(&e.path())))
-        })
-        .collect();
-    dirs.sort();
-    let mut total: u64 = dirs.iter().map(|d| d.2).sum();
-    for (_, dir, bytes) in dirs {
-        if total <= max_bytes || dir == newest {
-            break;
-        }
-        if std::fs::remove_dir_all(&dir).is_ok() {
-            eprintln!(
-                "freezetrap-capture: removed {} to stay under {} bytes of captures",
-                dir.display(),
-                max_bytes
-            );
-            total -= bytes;
-        }
-    }
 }
 
 /// Stops bpftrace: SIGINT first (it detaches cleanly), SIGKILL if it has not exited in 2 s.
@@ -661,42 +513,5 @@ mod tests {
         assert!(args(&["--pid", "1", "--out", "/o", "--bogus"])
             .unwrap_err()
             .contains("--bogus"));
-    }
-
-    #[test]
-    fn a_binary_without_stall_end_gets_a_program_without_it() {
-        // This unit-test binary fires stall_begin (below, so the linker keeps the site) but
-        // never stall_end.
-        crate::stall_begin(0, 0, 0);
-        let program = program_for(&std::env::current_exe().unwrap()).unwrap();
-        assert!(program.contains("usdt:$2:freezetrap:stall_begin"));
-        assert!(!program.contains("freezetrap:stall_end"), "{program}");
-        assert!(program.trim_end().ends_with('}'));
-        let r = program_for(Path::new("/bin/true")).unwrap_err();
-        assert_eq!(r.code, preflight::EXIT_NO_PROBE);
-        assert!(
-            r.message.contains("has no freezetrap:stall_begin probe"),
-            "{}",
-            r.message
-        );
-    }
-
-    #[test]
-    fn fresh_dirs_never_collide_and_the_byte_cap_keeps_the_newest() {
-        let out = std::env::temp_dir().join(format!("ft-armed-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir_all(&out).unwrap();
-        let a = fresh_dir(&out, "armed-1-stall-1").unwrap();
-        let b = fresh_dir(&out, "armed-1-stall-1").unwrap();
-        assert_ne!(a, b);
-        assert!(b.ends_with("armed-1-stall-1-2"));
-        std::fs::write(a.join("f"), vec![0u8; 1000]).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(b.join("f"), vec![0u8; 1000]).unwrap();
-        enforce_byte_cap(&out, 1500, &b);
-        assert!(!a.exists() && b.exists());
-        enforce_byte_cap(&out, 10, &b);
-        assert!(b.exists(), "the newest capture is kept");
-        std::fs::remove_dir_all(&out).unwrap();
     }
 }

@@ -1,0 +1,167 @@
+//! Writing an armed capture: a fresh directory per capture, the triggered helper's four files
+//! with `summary.json` extended by the window, and the byte cap over all of them.
+
+use super::{Ready, StallSeen, TimelineRow, BUCKET_MS};
+use crate::capture::output::write_capture;
+use crate::capture::{human, summarize, Summary};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Recorder-wide counts of data that did not make it into the window.
+pub(super) struct Counts {
+    pub late_entries: u64,
+    pub dropped_entries: u64,
+    pub lost_events: u64,
+}
+
+/// Writes `ready` into a fresh `out/armed-PID-stall-ID` and returns the directory and the line
+/// to print; an error is one line.
+pub(super) fn write(
+    out: &Path,
+    pid: u32,
+    ready: &Ready,
+    counts: Counts,
+) -> Result<(PathBuf, String), String> {
+    let first = &ready.stalls[0];
+    let dir = fresh_dir(out, &format!("armed-{pid}-stall-{}", first.id))
+        .ok_or_else(|| format!("cannot create a capture directory in {}", out.display()))?;
+    let span_ms = (ready.to_ms - ready.from_ms) as u64;
+    let capture = summarize(pid, span_ms.div_ceil(1000), &ready.maps);
+    let summary = ArmedSummary {
+        line: human(&capture),
+        capture,
+        mode: "armed",
+        stalls: &ready.stalls,
+        window: WindowInfo {
+            bucket_ms: BUCKET_MS,
+            from_ms: ready.from_ms,
+            to_ms: ready.to_ms,
+            data_from_ms: ready.timeline.first().map(|r| r.t_ms),
+            late_entries: counts.late_entries,
+            dropped_entries: counts.dropped_entries,
+            lost_events: counts.lost_events,
+        },
+        timeline: &ready.timeline,
+    };
+    let title = format!(
+        "Off-CPU time, pid {pid}, stall {} (armed: {} ms before to {} ms after the probe)",
+        first.id, -ready.from_ms, ready.to_ms
+    );
+    write_capture(&dir, &ready.maps, &title, &summary)
+        .map_err(|e| format!("writing {} failed: {e}", dir.display()))?;
+    let line = format!(
+        "{} (stall {}, window {:+.2} s..{:+.2} s; {})",
+        summary.line,
+        first.id,
+        ready.from_ms as f64 / 1000.0,
+        ready.to_ms as f64 / 1000.0,
+        dir.display()
+    );
+    Ok((dir, line))
+}
+
+/// `summary.json` of an armed capture: the triggered capture's fields plus the window.
+#[derive(Serialize)]
+struct ArmedSummary<'a> {
+    #[serde(flatten)]
+    capture: Summary,
+    /// The one-line human summary.
+    line: String,
+    mode: &'static str,
+    stalls: &'a [StallSeen],
+    window: WindowInfo,
+    timeline: &'a [TimelineRow],
+}
+
+#[derive(Serialize)]
+struct WindowInfo {
+    bucket_ms: u64,
+    /// Window start and end relative to the first probe, ms.
+    from_ms: i64,
+    to_ms: i64,
+    /// The first bucket with data (later than `from_ms` when the recorder was armed less than
+    /// a window before the stall).
+    data_from_ms: Option<i64>,
+    /// Recorder-wide counts so far: entries too late for the window, entries over the memory
+    /// cap, perf events bpftrace lost. Non-zero means this capture may be missing data.
+    late_entries: u64,
+    dropped_entries: u64,
+    lost_events: u64,
+}
+
+/// Creates `out/name` (or `out/name-2`, ...) so a capture never overwrites an earlier one.
+fn fresh_dir(out: &Path, name: &str) -> Option<PathBuf> {
+    (1..1000).find_map(|n| {
+        let dir = if n == 1 {
+            out.join(name)
+        } else {
+            out.join(format!("{name}-{n}"))
+        };
+        std::fs::create_dir(&dir).ok().map(|_| dir)
+    })
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Deletes the oldest `armed-*` capture directories in `out` until they total at most
+/// `max_bytes`; `newest` (just written) is kept whatever its size.
+pub(super) fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: &Path) {
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf, u64)> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("armed-"))
+        .filter_map(|e| {
+            let m = e.metadata().ok().filter(|m| m.is_dir())?;
+            Some((m.modified().ok()?, e.path(), dir_bytes(&e.path())))
+        })
+        .collect();
+    dirs.sort();
+    let mut total: u64 = dirs.iter().map(|d| d.2).sum();
+    for (_, dir, bytes) in dirs {
+        if total <= max_bytes || dir == newest {
+            break;
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            eprintln!(
+                "freezetrap-capture: removed {} to stay under {} bytes of captures",
+                dir.display(),
+                max_bytes
+            );
+            total -= bytes;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn fresh_dirs_never_collide_and_the_byte_cap_keeps_the_newest() {
+        let out = std::env::temp_dir().join(format!("ft-armed-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        let a = fresh_dir(&out, "armed-1-stall-1").unwrap();
+        let b = fresh_dir(&out, "armed-1-stall-1").unwrap();
+        assert_ne!(a, b);
+        assert!(b.ends_with("armed-1-stall-1-2"));
+        std::fs::write(a.join("f"), vec![0u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(b.join("f"), vec![0u8; 1000]).unwrap();
+        enforce_byte_cap(&out, 1500, &b);
+        assert!(!a.exists() && b.exists());
+        enforce_byte_cap(&out, 10, &b);
+        assert!(b.exists(), "the newest capture is kept");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
