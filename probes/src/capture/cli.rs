@@ -120,7 +120,7 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
         .arg(args.pid.to_string())
         .arg(args.min_block_us.to_string())
         .arg(args.duration.to_string())
-        .arg(preflight::mmap_lock_write_offset_or_default().to_string())
+        .args(preflight::FieldOffsets::from_tracefs_or_default().args())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

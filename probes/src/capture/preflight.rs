@@ -110,47 +110,86 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// The offset of the `write` flag in the records of the three `mmap_lock` events, read from their
-/// tracefs `format` files (the programs read the flag by offset: see `capture.bt`). An error
-/// says why it could not be read or the events disagree.
-pub fn mmap_lock_write_offset() -> Result<u64, String> {
-    let mut found = Vec::new();
-    for event in [
-        "mmap_lock_start_locking",
-        "mmap_lock_acquire_returned",
-        "mmap_lock_released",
-    ] {
-        let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-            .iter()
-            .find_map(|t| {
-                std::fs::read_to_string(format!("{t}/events/mmap_lock/{event}/format")).ok()
-            })
-            .ok_or_else(|| format!("no tracefs format for mmap_lock:{event}"))?;
-        found.push(
-            write_offset_in(&format)
-                .ok_or_else(|| format!("mmap_lock:{event} has no `bool write` field"))?,
-        );
-    }
-    if found.windows(2).any(|w| w[0] != w[1]) {
-        return Err(format!(
-            "the mmap_lock events keep `write` at different offsets {found:?}"
-        ));
-    }
-    Ok(found[0])
+/// Where the tracepoint fields the programs read sit in the events' records. The programs read
+/// them by offset, not as `args->field`: that keeps bpftrace 0.17 from building the events'
+/// structs with clang and BTF, which was most of its start-up (see `capture.bt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldOffsets {
+    /// `write` in the three `mmap_lock` events (they must agree).
+    pub write: u64,
+    /// `next_comm` in `sched:sched_switch`.
+    pub next_comm: u64,
+    /// `next_pid` in `sched:sched_switch`.
+    pub next_pid: u64,
 }
 
-/// The offset of `field:bool write;` in a tracefs event `format` text.
-fn write_offset_in(format: &str) -> Option<u64> {
-    let line = format.lines().find(|l| l.contains("field:bool write;"))?;
-    let (_, rest) = line.split_once("offset:")?;
-    rest.split(';').next()?.trim().parse().ok()
+impl FieldOffsets {
+    /// x86-64, Linux 6.x: what this kernel's formats say.
+    pub const DEFAULT: FieldOffsets = FieldOffsets {
+        write: 24,
+        next_comm: 40,
+        next_pid: 56,
+    };
+
+    /// Reads the offsets from the events' tracefs `format` files. An error says which event or
+    /// field could not be read, or that the mmap_lock events disagree.
+    pub fn from_tracefs() -> Result<FieldOffsets, String> {
+        let offset = |event: &str, field: &str| -> Result<u64, String> {
+            let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+                .iter()
+                .find_map(|t| std::fs::read_to_string(format!("{t}/events/{event}/format")).ok())
+                .ok_or_else(|| format!("no tracefs format for {event}"))?;
+            field_offset_in(&format, field).ok_or_else(|| format!("{event} has no field {field}"))
+        };
+        let writes = [
+            offset("mmap_lock/mmap_lock_start_locking", "write")?,
+            offset("mmap_lock/mmap_lock_acquire_returned", "write")?,
+            offset("mmap_lock/mmap_lock_released", "write")?,
+        ];
+        if writes.windows(2).any(|w| w[0] != w[1]) {
+            return Err(format!(
+                "the mmap_lock events keep `write` at different offsets {writes:?}"
+            ));
+        }
+        Ok(FieldOffsets {
+            write: writes[0],
+            next_comm: offset("sched/sched_switch", "next_comm")?,
+            next_pid: offset("sched/sched_switch", "next_pid")?,
+        })
+    }
+
+    /// [`FieldOffsets::from_tracefs`], or [`FieldOffsets::DEFAULT`] after a one-line warning.
+    pub fn from_tracefs_or_default() -> FieldOffsets {
+        Self::from_tracefs().unwrap_or_else(|e| {
+            eprintln!(
+                "freezetrap-capture: {e}; assuming the x86-64 Linux 6.x field offsets {:?}",
+                Self::DEFAULT
+            );
+            Self::DEFAULT
+        })
+    }
+
+    /// The three offsets as the programs' last three arguments.
+    pub fn args(&self) -> [String; 3] {
+        [
+            self.write.to_string(),
+            self.next_comm.to_string(),
+            self.next_pid.to_string(),
+        ]
+    }
 }
 
-/// [`mmap_lock_write_offset`], or 24 (x86-64, Linux 6.x) after a one-line warning.
-pub fn mmap_lock_write_offset_or_default() -> u64 {
-    mmap_lock_write_offset().unwrap_or_else(|e| {
-        eprintln!("freezetrap-capture: {e}; assuming offset 24 for mmap_lock's write flag");
-        24
+/// The offset of field `name` in a tracefs event `format` text (lines like
+/// `field:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;`).
+fn field_offset_in(format: &str, name: &str) -> Option<u64> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?.split(';').next()?;
+        let field = decl.rsplit(' ').next()?.split('[').next()?;
+        if field != name {
+            return None;
+        }
+        let (_, rest) = line.split_once("offset:")?;
+        rest.split(';').next()?.trim().parse().ok()
     })
 }
 
@@ -182,13 +221,20 @@ mod tests {
     }
 
     #[test]
-    fn the_write_offset_comes_from_the_format_text() {
-        let format = "name: mmap_lock_released\nID: 676\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:struct mm_struct * mm;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:u64 memcg_id;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:bool write;\toffset:24;\tsize:1;\tsigned:0;\n";
-        assert_eq!(write_offset_in(format), Some(24));
-        assert_eq!(write_offset_in("field:bool success;\toffset:25;"), None);
-        // Where tracefs is mounted (CI), the three events agree.
+    fn field_offsets_come_from_the_format_text() {
+        let format = "name: sched_switch\nID: 372\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t prev_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;\n\tfield:pid_t next_pid;\toffset:56;\tsize:4;\tsigned:1;\n\nprint fmt: \"prev_comm=%s\"\n";
+        assert_eq!(field_offset_in(format, "next_comm"), Some(40));
+        assert_eq!(field_offset_in(format, "next_pid"), Some(56));
+        assert_eq!(field_offset_in(format, "prev_pid"), Some(24));
+        assert_eq!(field_offset_in(format, "pid"), None, "whole names only");
+        assert_eq!(
+            field_offset_in("\tfield:bool write;\toffset:24;\tsize:1;", "write"),
+            Some(24)
+        );
+        // Where tracefs is mounted (CI), this kernel's formats have every field.
         if Path::new("/sys/kernel/tracing/events/mmap_lock").exists() {
-            assert!(mmap_lock_write_offset().is_ok());
+            let found = FieldOffsets::from_tracefs().unwrap();
+            eprintln!("{found:?} (defaults {:?})", FieldOffsets::DEFAULT);
         }
     }
 

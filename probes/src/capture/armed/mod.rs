@@ -261,7 +261,7 @@ impl Recorder<'_> {
             .arg(exe)
             .arg(self.args.min_block_us.to_string())
             .arg(BUCKET_MS.to_string())
-            .arg(preflight::mmap_lock_write_offset_or_default().to_string())
+            .args(preflight::FieldOffsets::from_tracefs_or_default().args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
