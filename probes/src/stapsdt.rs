@@ -7,8 +7,10 @@ use std::path::Path;
 /// `(provider, name)` of every SystemTap probe in the ELF file at `path`.
 pub fn probes_in(path: &Path) -> std::io::Result<Vec<(String, String)>> {
     use object::{Object, ObjectSection};
-    let data = std::fs::read(path)?;
-    let file = object::File::parse(&*data).map_err(std::io::Error::other)?;
+    // Read only the headers and the one section: service binaries with debug info run to
+    // hundreds of MB.
+    let data = object::ReadCache::new(std::fs::File::open(path)?);
+    let file = object::File::parse(&data).map_err(std::io::Error::other)?;
     let Some(section) = file.section_by_name(".note.stapsdt") else {
         return Ok(Vec::new());
     };
