@@ -133,39 +133,48 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
             )
         }
     };
-    // Read stdout on a thread; print "recording" as soon as bpftrace says it attached.
-    let mut stdout = child.stdout.take().expect("piped");
+    // Read stdout and stderr on threads (a full stderr pipe must never block bpftrace); print
+    // "recording" as soon as bpftrace says it attached.
+    let stdout = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
-        use std::io::{BufRead, BufReader};
         let mut all = String::new();
-        for line in BufReader::new(&mut stdout).lines().map_while(Result::ok) {
+        super::for_each_line(stdout, |line| {
             if line.contains("\"printf\"") && line.contains("recording") {
                 eprintln!("freezetrap-capture: recording");
             }
             all.push_str(&line);
             all.push('\n');
-        }
+            true
+        });
         all
     });
-    // Our own deadline: exit even if bpftrace hangs.
+    let stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut all = String::new();
+        super::for_each_line(stderr, |line| {
+            if all.len() < 64 << 10 {
+                all.push_str(&line);
+                all.push('\n');
+            }
+            true
+        });
+        all
+    });
+    // Our own deadline: exit even if bpftrace hangs. SIGINT first, so that a bpftrace that is
+    // merely slow still prints what it recorded.
     let deadline = Instant::now() + Duration::from_secs(args.duration + 15);
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
             _ => {
-                let _ = child.kill();
-                let _ = child.wait();
+                super::stop_bpftrace(&mut child, Duration::from_secs(5));
                 break None;
             }
         }
     };
     let output = reader.join().unwrap_or_default();
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    let stderr = errors.join().unwrap_or_default();
     let maps = parse_maps(&output);
     if maps.is_empty() {
         let why = stderr

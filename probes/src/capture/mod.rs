@@ -48,6 +48,53 @@ pub(crate) fn bpftrace_command(bpftrace: &std::path::Path) -> std::process::Comm
     cmd
 }
 
+/// Stops bpftrace: SIGINT first (it detaches and prints its maps), SIGKILL if it has not exited
+/// within `grace`.
+pub(crate) fn stop_bpftrace(child: &mut std::process::Child, grace: std::time::Duration) {
+    // Once reaped, the pid may belong to someone else: never signal it then.
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    interrupt(child);
+    let until = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends SIGINT to bpftrace unless it has been reaped: it detaches, prints every map, and exits.
+pub(crate) fn interrupt(child: &mut std::process::Child) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill() on our own child, not reaped (checked above), so the pid is its own.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    }
+}
+
+/// Calls `each` with every line of `reader` until EOF. Bytes that are not UTF-8 (a thread name
+/// cut in the middle of a character) are replaced, not taken for the end of the output.
+pub(crate) fn for_each_line(reader: impl std::io::Read, mut each: impl FnMut(String) -> bool) {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                if !each(line.trim_end_matches(['\n', '\r']).to_string()) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).
 pub const CAPTURE_BT: &str = include_str!("../../bpftrace/capture.bt");
 
@@ -398,6 +445,17 @@ mod tests {
             human(&s),
             "freezetrap-capture: pid 42 for 10 s: 138.0 ms off CPU (90.0 ms of it idle); mmap_lock held for write 48.8 ms by mmap_write_unlock <- dup_mmap <- copy_process; 1 thread(s) waited up to 50.4 ms; top wait (48.0 ms): rwsem_down_write_slowpath <- vm_mmap_pgoff <- mmap64"
         );
+    }
+
+    #[test]
+    fn lines_survive_bytes_that_are_not_utf8() {
+        let input: &[u8] = b"one\nth\xffree\nfour";
+        let mut lines = Vec::new();
+        for_each_line(input, |l| {
+            lines.push(l);
+            true
+        });
+        assert_eq!(lines, ["one", "th\u{fffd}ree", "four"]);
     }
 
     #[test]

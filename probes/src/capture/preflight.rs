@@ -121,6 +121,10 @@ pub struct FieldOffsets {
     pub next_comm: u64,
     /// `next_pid` in `sched:sched_switch`.
     pub next_pid: u64,
+    /// `prev_state` in `sched:sched_switch`.
+    pub prev_state: u64,
+    /// `success` in `mmap_lock:mmap_lock_acquire_returned`.
+    pub success: u64,
 }
 
 impl FieldOffsets {
@@ -129,6 +133,8 @@ impl FieldOffsets {
         write: 24,
         next_comm: 40,
         next_pid: 56,
+        prev_state: 32,
+        success: 25,
     };
 
     /// Reads the offsets from the events' tracefs `format` files. An error says which event or
@@ -155,6 +161,8 @@ impl FieldOffsets {
             write: writes[0],
             next_comm: offset("sched/sched_switch", "next_comm")?,
             next_pid: offset("sched/sched_switch", "next_pid")?,
+            prev_state: offset("sched/sched_switch", "prev_state")?,
+            success: offset("mmap_lock/mmap_lock_acquire_returned", "success")?,
         })
     }
 
@@ -169,13 +177,17 @@ impl FieldOffsets {
         })
     }
 
-    /// The three offsets as the programs' last three arguments.
-    pub fn args(&self) -> [String; 3] {
+    /// The offsets as the programs' last five arguments: WRITE NEXT_COMM NEXT_PID PREV_STATE
+    /// SUCCESS.
+    pub fn args(&self) -> [String; 5] {
         [
-            self.write.to_string(),
-            self.next_comm.to_string(),
-            self.next_pid.to_string(),
+            self.write,
+            self.next_comm,
+            self.next_pid,
+            self.prev_state,
+            self.success,
         ]
+        .map(|o| o.to_string())
     }
 }
 

@@ -113,7 +113,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Deletes the oldest `armed-*` capture directories in `out` until they total at most
 /// `max_bytes`; `newest` (just written) is kept whatever its size.
-pub(super) fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: &Path) {
+pub(super) fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: Option<&Path>) {
     let mut dirs: Vec<(std::time::SystemTime, PathBuf, u64)> = std::fs::read_dir(out)
         .into_iter()
         .flatten()
@@ -127,8 +127,11 @@ pub(super) fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: &Path) {
     dirs.sort();
     let mut total: u64 = dirs.iter().map(|d| d.2).sum();
     for (_, dir, bytes) in dirs {
-        if total <= max_bytes || dir == newest {
+        if total <= max_bytes {
             break;
+        }
+        if Some(dir.as_path()) == newest {
+            continue;
         }
         if std::fs::remove_dir_all(&dir).is_ok() {
             eprintln!(
@@ -158,9 +161,9 @@ mod tests {
         std::fs::write(a.join("f"), vec![0u8; 1000]).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(b.join("f"), vec![0u8; 1000]).unwrap();
-        enforce_byte_cap(&out, 1500, &b);
+        enforce_byte_cap(&out, 1500, Some(&b));
         assert!(!a.exists() && b.exists());
-        enforce_byte_cap(&out, 10, &b);
+        enforce_byte_cap(&out, 10, Some(&b));
         assert!(b.exists(), "the newest capture is kept");
         std::fs::remove_dir_all(&out).unwrap();
     }

@@ -33,7 +33,6 @@ mod window;
 pub use window::{parse_line, Event, Ready, StallSeen, TimelineRow, Window};
 
 use super::preflight::{self, Refusal};
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
@@ -86,7 +85,13 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 .map_err(|_| format!("{a} takes {what}, not {v:?}"))
         };
         match a.as_str() {
-            "--pid" => target = Some(Target::Pid(num("a process id")? as u32)),
+            "--pid" => {
+                let v = val()?;
+                let pid = v
+                    .parse::<u32>()
+                    .map_err(|_| format!("--pid takes a process id, not {v:?}"))?;
+                target = Some(Target::Pid(pid));
+            }
             "--binary" => target = Some(Target::Binary(PathBuf::from(val()?))),
             "--out" => out = Some(PathBuf::from(val()?)),
             "--window" => window_s = num("whole seconds")?,
@@ -206,6 +211,14 @@ struct Recorder<'a> {
     last_capture_end_ns: u64,
 }
 
+/// What one bpftrace run on one target has gathered.
+struct Session {
+    pid: u32,
+    window: Window,
+    lost: u64,
+    armed: bool,
+}
+
 /// The `armed.bt` output, line by line, from a reader thread.
 enum Line {
     Event(Event),
@@ -289,6 +302,7 @@ impl Recorder<'_> {
                 format!("the executable of pid {pid} was deleted or replaced ({}): the USDT probes cannot be attached; restart the target", exe.display()),
             ));
         }
+        let exe = reachable_exe(pid, exe);
         let program = program::for_binary(&exe)?;
         let script = self.args.out.join(format!(".armed-{pid}.bt"));
         std::fs::write(&script, program).map_err(|e| {
@@ -304,61 +318,43 @@ impl Recorder<'_> {
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped");
         let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(Line::Event(parse_line(&line))).is_err() {
-                    return;
-                }
-            }
+            super::for_each_line(stdout, |line| {
+                tx.send(Line::Event(parse_line(&line))).is_ok()
+            });
             let _ = tx.send(Line::Eof);
         });
-        let mut stderr = child.stderr.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
         let errors = std::thread::spawn(move || {
             let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
+            super::for_each_line(stderr, |line| {
+                if text.len() < 64 << 10 {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                true
+            });
             text
         });
 
         let sec = 1_000_000_000;
-        let mut window = Window::new(
-            BUCKET_MS * 1_000_000,
-            self.args.window_s * sec,
-            self.args.after_s * sec,
-            MAX_ENTRIES,
-        );
-        let mut lost = 0u64;
-        let mut armed = false;
+        let mut state = Session {
+            pid,
+            window: Window::new(
+                BUCKET_MS * 1_000_000,
+                self.args.window_s * sec,
+                self.args.after_s * sec,
+                MAX_ENTRIES,
+            ),
+            lost: 0,
+            armed: false,
+        };
         let mut last_line = Instant::now();
         let outcome = loop {
-            let line = rx.recv_timeout(Duration::from_millis(200));
-            if line.is_ok() {
-                last_line = Instant::now();
-            } else if last_line.elapsed() > self.args.silence_limit {
-                // bpftrace prints a tick four times a second once attached. Silence this long is
-                // a hang (a freeze of the target delays prints only by its length, and the
-                // buckets keep their own times, so a late print loses nothing).
-                stop_child(&mut child);
-                break Err(Refusal::new(
-                    preflight::EXIT_BPFTRACE_FAILED,
-                    format!(
-                        "bpftrace {} for {} s; stopped it",
-                        if armed {
-                            "printed nothing"
-                        } else {
-                            "did not attach"
-                        },
-                        self.args.silence_limit.as_secs()
-                    ),
-                ));
-            }
-            if self.should_stop() {
-                break Ok(Outcome::Stopped);
-            }
-            if !preflight::pid_alive(pid) {
-                eprintln!("freezetrap-capture: pid {pid} exited");
-                break Ok(Outcome::TargetExited);
-            }
-            let event = match line {
-                Ok(Line::Event(e)) => e,
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Line::Event(e)) => {
+                    last_line = Instant::now();
+                    self.handle(&mut state, e, &exe, started);
+                }
                 Ok(Line::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let _ = child.wait();
                     let text = errors.join().unwrap_or_default();
@@ -371,53 +367,98 @@ impl Recorder<'_> {
                         format!("bpftrace stopped recording pid {pid}: {why}"),
                     ));
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            };
-            match event {
-                Event::Armed if !armed => {
-                    armed = true;
-                    eprintln!(
-                        "freezetrap-capture: armed on pid {pid} ({}) in {:.2} s: keeping {} s before a stall and {} s after; captures go to {}",
-                        exe.display(),
-                        started.elapsed().as_secs_f64(),
-                        self.args.window_s,
-                        self.args.after_s,
-                        self.args.out.display()
-                    );
-                }
-                Event::StallBegin(stall) => self.stall_begin(&mut window, pid, stall),
-                Event::StallEnd { id, duration_ns } => window.stall_end(id, duration_ns),
-                Event::Map { name, entries } => window.add_map(&name, entries),
-                Event::Tick(b) => {
-                    for ready in window.tick(b) {
-                        self.write(pid, &window, ready, lost);
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if last_line.elapsed() > self.args.silence_limit {
+                        // bpftrace prints a tick four times a second once attached. Silence this
+                        // long is a hang (a freeze of the target delays prints only by its
+                        // length, and the buckets keep their own times, so a late print loses
+                        // nothing).
+                        super::stop_bpftrace(&mut child, Duration::from_secs(2));
+                        break Err(Refusal::new(
+                            preflight::EXIT_BPFTRACE_FAILED,
+                            format!(
+                                "bpftrace {} for {} s; stopped it",
+                                if state.armed {
+                                    "printed nothing"
+                                } else {
+                                    "did not attach"
+                                },
+                                self.args.silence_limit.as_secs()
+                            ),
+                        ));
                     }
                 }
-                Event::Lost(n) => lost += n,
-                Event::Armed | Event::Other => {}
+            }
+            if self.should_stop() {
+                break Ok(Outcome::Stopped);
+            }
+            if !preflight::pid_alive(pid) {
+                eprintln!("freezetrap-capture: pid {pid} exited");
+                break Ok(Outcome::TargetExited);
             }
         };
-        // Whatever is pending gets written with the data that is in.
-        for ready in window.flush() {
-            self.write(pid, &window, ready, lost);
+        if outcome.is_ok() {
+            // The last buckets before the end are still in bpftrace's maps: SIGINT makes it print
+            // them all, and everything it prints until it exits (5 s at most) still counts.
+            super::interrupt(&mut child);
+            let until = Instant::now() + Duration::from_secs(5);
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(Line::Event(e)) => self.handle(&mut state, e, &exe, started),
+                    _ => break,
+                }
+            }
         }
-        stop_child(&mut child);
+        // Whatever is pending gets written with the data that is in.
+        for ready in state.window.flush() {
+            self.write(&state, ready);
+        }
+        super::stop_bpftrace(&mut child, Duration::from_secs(2));
         drop(rx);
         let _ = reader.join();
         let _ = std::fs::remove_file(&script);
-        if window.late_entries + window.dropped_entries + lost > 0 {
+        let (late, dropped) = (state.window.late_entries, state.window.dropped_entries);
+        if late + dropped + state.lost > 0 {
             eprintln!(
-                "freezetrap-capture: pid {pid}: {} late and {} dropped map entries, {lost} lost perf events",
-                window.late_entries, window.dropped_entries
+                "freezetrap-capture: pid {pid}: {late} late and {dropped} dropped map entries, {} lost perf events",
+                state.lost
             );
         }
         outcome
     }
 
+    /// One line of bpftrace's output.
+    fn handle(&mut self, state: &mut Session, event: Event, exe: &Path, started: Instant) {
+        match event {
+            Event::Armed if !state.armed => {
+                state.armed = true;
+                eprintln!(
+                    "freezetrap-capture: armed on pid {} ({}) in {:.2} s: keeping {} s before a stall and {} s after; captures go to {}",
+                    state.pid,
+                    exe.display(),
+                    started.elapsed().as_secs_f64(),
+                    self.args.window_s,
+                    self.args.after_s,
+                    self.args.out.display()
+                );
+            }
+            Event::StallBegin(stall) => self.stall_begin(&mut state.window, state.pid, stall),
+            Event::StallEnd { id, duration_ns } => state.window.stall_end(id, duration_ns),
+            Event::Map { name, entries } => state.window.add_map(&name, entries),
+            Event::Tick(b) => {
+                for ready in state.window.tick(b) {
+                    self.write(state, ready);
+                }
+            }
+            Event::Lost(n) => state.lost += n,
+            Event::Armed | Event::Other => {}
+        }
+    }
+
     fn stall_begin(&mut self, window: &mut Window, pid: u32, stall: StallSeen) {
         let now = monotonic_ns();
         let seen_ms = now.saturating_sub(stall.probe_ns) as f64 / 1e6;
-        let cooldown_ns = self.args.cooldown_s * 1_000_000_000;
+        let cooldown_ns = self.args.cooldown_s.saturating_mul(1_000_000_000);
         if self.last_capture_end_ns > 0
             && stall.probe_ns < self.last_capture_end_ns + cooldown_ns
             && stall.probe_ns > self.last_capture_end_ns
@@ -440,20 +481,57 @@ impl Recorder<'_> {
         }
     }
 
-    fn write(&mut self, pid: u32, window: &Window, ready: Ready, lost: u64) {
+    fn write(&mut self, state: &Session, ready: Ready) {
+        if self
+            .args
+            .max_captures
+            .is_some_and(|max| self.captures >= max)
+        {
+            eprintln!(
+                "freezetrap-capture: stall {} not written: --max-captures reached",
+                ready.stalls[0].id
+            );
+            return;
+        }
         let counts = disk::Counts {
-            late_entries: window.late_entries,
-            dropped_entries: window.dropped_entries,
-            lost_events: lost,
+            late_entries: state.window.late_entries,
+            dropped_entries: state.window.dropped_entries,
+            lost_events: state.lost,
         };
-        match disk::write(&self.args.out, pid, &ready, counts) {
+        let written = disk::write(&self.args.out, state.pid, &ready, counts);
+        match written {
             Ok((dir, line)) => {
                 self.captures += 1;
                 println!("{line}");
-                disk::enforce_byte_cap(&self.args.out, self.args.max_bytes, &dir);
+                disk::enforce_byte_cap(&self.args.out, self.args.max_bytes, Some(&dir));
             }
-            Err(e) => eprintln!("freezetrap-capture: {e}"),
+            Err(e) => {
+                eprintln!("freezetrap-capture: {e}");
+                // A full disk: make room for the next one.
+                disk::enforce_byte_cap(&self.args.out, self.args.max_bytes, None);
+            }
         }
+    }
+}
+
+/// The target's executable as a path this process can open: the link's own path, or, when
+/// the target lives in another mount namespace (a container) where that path means another
+/// file or none, the same path under `/proc/PID/root`.
+fn reachable_exe(pid: u32, exe: PathBuf) -> PathBuf {
+    let target = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
+    let same = |p: &Path| {
+        let m = std::fs::metadata(p).ok();
+        matches!((&m, &target), (Some(a), Some(b)) if a.dev() == b.dev() && a.ino() == b.ino())
+    };
+    if same(&exe) {
+        return exe;
+    }
+    let inside =
+        Path::new(&format!("/proc/{pid}/root")).join(exe.strip_prefix("/").unwrap_or(&exe));
+    if same(&inside) {
+        inside
+    } else {
+        exe
     }
 }
 
@@ -465,26 +543,6 @@ fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Stops bpftrace: SIGINT first (it detaches cleanly), SIGKILL if it has not exited in 2 s.
-fn stop_child(child: &mut Child) {
-    // Once reaped, the pid may belong to someone else: never signal it then.
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: kill() on our own child, which has not been reaped (checked above), so the pid
-    // is still its own.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[cfg(test)]

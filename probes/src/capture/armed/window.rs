@@ -2,8 +2,8 @@
 //! the stalls the target announced, and the captures that become due. Pure data handling, so it is
 //! tested without bpftrace.
 //!
-//! Timing: bpftrace prints bucket `b` some time after `b` ended (at a `tick` of `b + 1` or later,
-//! see `armed.bt`). A capture covering buckets `from..=to` is therefore written only once a tick of
+//! Timing: bpftrace prints bucket `b` some time after `b` ended (at the `tick` of `b + 2` or
+//! later, see `armed.bt`). A capture covering buckets `from..=to` is therefore written only once a tick of
 //! `to + SETTLE` has been seen, and data that still arrives for a bucket older than anything kept
 //! is counted as late, not silently dropped.
 
@@ -11,9 +11,9 @@ use super::super::Maps;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Ticks to wait past a capture's last bucket before writing it (a skipped interval can delay a
-/// bucket's print by one tick; two more are margin).
-pub const SETTLE: u64 = 3;
+/// Ticks to wait past a capture's last bucket before writing it: bucket b is printed at the
+/// tick of b + 2 (see `armed.bt`), a skipped interval delays that by one, one more is margin.
+pub const SETTLE: u64 = 4;
 
 /// One line of bpftrace's `-f json` output from `armed.bt`, decoded.
 #[derive(Debug, PartialEq)]
@@ -92,8 +92,8 @@ pub fn parse_line(line: &str) -> Event {
             let Some((name, data)) = v["data"].as_object().and_then(|o| o.iter().next()) else {
                 return Event::Other;
             };
-            // `@off0` and `@off1` are the two parities of the same map.
-            let name = name.trim_end_matches(['0', '1']).to_string();
+            // `@off0` .. `@off3` are the four rotations of the same map.
+            let name = name.trim_end_matches(['0', '1', '2', '3']).to_string();
             let entries = data
                 .as_object()
                 .into_iter()
@@ -171,6 +171,8 @@ pub struct Window {
     entries: usize,
     newest_tick: u64,
     pending: Vec<Pending>,
+    /// Bucket ranges of the captures already written (while still within the horizon).
+    written: Vec<(u64, u64)>,
     /// Entries that arrived for buckets already pruned or written.
     pub late_entries: u64,
     /// Entries refused because the window held `max_entries` already.
@@ -191,6 +193,7 @@ impl Window {
             entries: 0,
             newest_tick: 0,
             pending: Vec::new(),
+            written: Vec::new(),
             late_entries: 0,
             dropped_entries: 0,
         }
@@ -213,6 +216,10 @@ impl Window {
             if bucket < horizon {
                 self.late_entries += 1;
                 continue;
+            }
+            if self.written.iter().any(|&(f, t)| (f..=t).contains(&bucket)) {
+                // Kept for captures still to come, but missing from one already on disk.
+                self.late_entries += 1;
             }
             let map = self
                 .buckets
@@ -268,6 +275,7 @@ impl Window {
         let (ready, keep): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.pending).into_iter().partition(due);
         self.pending = keep;
+        self.written.extend(ready.iter().map(|p| (p.from, p.to)));
         let out = ready.into_iter().map(|p| self.assemble(p)).collect();
         self.prune();
         out
@@ -282,6 +290,7 @@ impl Window {
 
     fn prune(&mut self) {
         let horizon = self.horizon();
+        self.written.retain(|&(_, to)| to >= horizon);
         while let Some(entry) = self.buckets.first_entry() {
             if *entry.key() >= horizon {
                 break;
@@ -410,6 +419,10 @@ mod tests {
             }
         }
         assert_eq!(ready.len(), 1);
+        // Data for a bucket of the written capture, arriving now, is counted as late.
+        let late = w.late_entries;
+        w.add_map("@off", vec![(14, "t,\n    k\n,".into(), 1)]);
+        assert_eq!(w.late_entries, late + 1);
         let r = &ready[0];
         assert_eq!((r.from_ms, r.to_ms), (8 * 250 - 3010, 15 * 250 - 3010));
         assert_eq!(r.stalls.len(), 2);
