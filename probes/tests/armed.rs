@@ -399,3 +399,36 @@ fn a_hung_bpftrace_is_stopped_and_a_killed_recorder_takes_it_along() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `--rearm-every`: a fresh bpftrace replaces the old one (its stack maps never empty) and the
+/// recorder goes on.
+#[test]
+fn the_recorder_rearms_with_a_fresh_bpftrace() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !ebpf_or_skip("the_recorder_rearms_with_a_fresh_bpftrace")
+    {
+        return;
+    }
+    // This test binary carries the stall_begin probe (child_armed_target fires it).
+    let me = std::process::id().to_string();
+    let out = std::env::temp_dir().join(format!("freezetrap-arm-rearm-{me}"));
+    let rec = Command::new(EXE)
+        .args([
+            "arm",
+            "--pid",
+            &me,
+            "--rearm-every",
+            "2",
+            "--for",
+            "8",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&rec.stderr);
+    assert!(rec.status.success(), "{err}");
+    assert!(err.contains("armed on pid"), "{err}");
+    assert!(err.contains(&format!("re-armed on pid {me}")), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}

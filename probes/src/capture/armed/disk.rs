@@ -12,6 +12,7 @@ pub(super) struct Counts {
     pub late_entries: u64,
     pub dropped_entries: u64,
     pub lost_events: u64,
+    pub lost_stacks: u64,
 }
 
 /// Writes `ready` into a fresh `out/armed-PID-stall-ID` and returns the directory and the line
@@ -40,6 +41,7 @@ pub(super) fn write(
             late_entries: counts.late_entries,
             dropped_entries: counts.dropped_entries,
             lost_events: counts.lost_events,
+            lost_stacks: counts.lost_stacks,
         },
         timeline: &ready.timeline,
     };
@@ -87,6 +89,8 @@ struct WindowInfo {
     late_entries: u64,
     dropped_entries: u64,
     lost_events: u64,
+    /// Off-CPU entries whose kernel stack bpftrace could not store.
+    lost_stacks: u64,
 }
 
 /// Creates `out/name` (or `out/name-2`, ...) so a capture never overwrites an earlier one.

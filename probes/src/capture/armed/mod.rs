@@ -3,7 +3,7 @@
 //! ```text
 //! freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S]
 //!     [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S]
-//!     [--silence-limit S] [--bpftrace PATH]
+//!     [--silence-limit S] [--rearm-every S] [--bpftrace PATH]
 //! ```
 //! The triggered helper starts bpftrace when a stall is detected, so it records from about a
 //! second after the detection (bpftrace 0.17 takes ~1 s to compile and attach). The armed
@@ -25,6 +25,10 @@
 //! directories beyond `--max-bytes` (default 1 GiB) are deleted oldest first; `--for` ends the
 //! recording after S seconds. bpftrace printing nothing for `--silence-limit` seconds (default 60)
 //! is a hang: the recorder stops it and exits 8. bpftrace gets SIGTERM if the recorder dies.
+//! Every `--rearm-every` seconds (default 3600), when no capture is pending, bpftrace is
+//! replaced by a fresh one (a gap of about half a second in the data; the window in memory is
+//! kept): bpftrace 0.17's stack maps are never emptied, and once full, new stacks are lost
+//! (counted as `lost_stacks`).
 
 mod disk;
 mod program;
@@ -67,16 +71,17 @@ struct Args {
     max_bytes: u64,
     run_for: Option<u64>,
     silence_limit: Duration,
+    rearm_every: Duration,
     bpftrace: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S] [--silence-limit S] [--bpftrace PATH]";
+const USAGE: &str = "usage: freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S] [--silence-limit S] [--rearm-every S] [--bpftrace PATH]";
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut target, mut out, mut bpftrace) = (None, None, None);
     let (mut window_s, mut after_s, mut min_block_us, mut cooldown_s) = (5, 5, 1000, 10);
     let (mut max_captures, mut max_bytes, mut run_for) = (None, 1u64 << 30, None);
-    let mut silence_limit = 60;
+    let (mut silence_limit, mut rearm_every) = (60, 3600);
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
         let mut num = |what: &str| -> Result<u64, String> {
@@ -102,6 +107,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--max-bytes" => max_bytes = num("bytes")?,
             "--for" => run_for = Some(num("whole seconds")?),
             "--silence-limit" => silence_limit = num("whole seconds")?,
+            "--rearm-every" => rearm_every = num("whole seconds")?,
             "--bpftrace" => bpftrace = Some(PathBuf::from(val()?)),
             "-h" | "--help" => return Err("usage".into()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -125,6 +131,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         max_bytes,
         run_for,
         silence_limit: Duration::from_secs(silence_limit.max(1)),
+        rearm_every: Duration::from_secs(rearm_every.max(1)),
         bpftrace,
     })
 }
@@ -184,7 +191,15 @@ pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
                 None => break,
             },
         };
-        match rec.record(pid) {
+        let mut session = rec.new_session(pid);
+        let outcome = loop {
+            match rec.record(&mut session) {
+                // The same window goes on with a fresh bpftrace (and fresh stack maps).
+                Ok(Outcome::Rearm) => continue,
+                other => break other,
+            }
+        };
+        match outcome {
             Ok(Outcome::TargetExited) if matches!(args.target, Target::Binary(_)) => continue,
             Ok(_) => break,
             Err(r) => return r.exit(),
@@ -200,6 +215,9 @@ pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
 enum Outcome {
     TargetExited,
     Stopped,
+    /// Time for a fresh bpftrace: its stack maps are never emptied, and once they fill, new
+    /// stacks are lost (bpftrace 0.17 does not ask the kernel to reuse stack ids).
+    Rearm,
 }
 
 struct Recorder<'a> {
@@ -288,7 +306,25 @@ impl Recorder<'_> {
     }
 
     /// Records `pid` until it exits, the recorder is told to stop, or bpftrace fails.
-    fn record(&mut self, pid: u32) -> Result<Outcome, Refusal> {
+    fn new_session(&self, pid: u32) -> Session {
+        let sec = 1_000_000_000;
+        Session {
+            pid,
+            window: Window::new(
+                BUCKET_MS * 1_000_000,
+                self.args.window_s * sec,
+                self.args.after_s * sec,
+                MAX_ENTRIES,
+            ),
+            lost: 0,
+            armed: false,
+        }
+    }
+
+    /// Runs one bpftrace on `state.pid` until the target exits, the recorder is told to stop,
+    /// it is time to re-arm, or bpftrace fails.
+    fn record(&mut self, state: &mut Session) -> Result<Outcome, Refusal> {
+        let pid = state.pid;
         let started = Instant::now();
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| {
             Refusal::new(
@@ -336,24 +372,12 @@ impl Recorder<'_> {
             text
         });
 
-        let sec = 1_000_000_000;
-        let mut state = Session {
-            pid,
-            window: Window::new(
-                BUCKET_MS * 1_000_000,
-                self.args.window_s * sec,
-                self.args.after_s * sec,
-                MAX_ENTRIES,
-            ),
-            lost: 0,
-            armed: false,
-        };
         let mut last_line = Instant::now();
         let outcome = loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Line::Event(e)) => {
                     last_line = Instant::now();
-                    self.handle(&mut state, e, &exe, started);
+                    self.handle(state, e, &exe, started);
                 }
                 Ok(Line::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let _ = child.wait();
@@ -396,6 +420,9 @@ impl Recorder<'_> {
                 eprintln!("freezetrap-capture: pid {pid} exited");
                 break Ok(Outcome::TargetExited);
             }
+            if started.elapsed() >= self.args.rearm_every && !state.window.has_pending() {
+                break Ok(Outcome::Rearm);
+            }
         };
         if outcome.is_ok() {
             // The last buckets before the end are still in bpftrace's maps: SIGINT makes it print
@@ -404,7 +431,7 @@ impl Recorder<'_> {
             let until = Instant::now() + Duration::from_secs(5);
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 match rx.recv_timeout(left) {
-                    Ok(Line::Event(e)) => self.handle(&mut state, e, &exe, started),
+                    Ok(Line::Event(e)) => self.handle(state, e, &exe, started),
                     _ => break,
                 }
             }
@@ -418,7 +445,7 @@ impl Recorder<'_> {
         let _ = reader.join();
         let _ = std::fs::remove_file(&script);
         let (late, dropped) = (state.window.late_entries, state.window.dropped_entries);
-        if late + dropped + state.lost > 0 {
+        if !matches!(outcome, Ok(Outcome::Rearm)) && late + dropped + state.lost > 0 {
             eprintln!(
                 "freezetrap-capture: pid {pid}: {late} late and {dropped} dropped map entries, {} lost perf events",
                 state.lost
@@ -430,7 +457,15 @@ impl Recorder<'_> {
     /// One line of bpftrace's output.
     fn handle(&mut self, state: &mut Session, event: Event, exe: &Path, started: Instant) {
         match event {
-            Event::Armed if !state.armed => {
+            Event::Armed if state.armed => {
+                eprintln!(
+                    "freezetrap-capture: re-armed on pid {} in {:.2} s (a fresh bpftrace every {} s keeps its stack maps from filling)",
+                    state.pid,
+                    started.elapsed().as_secs_f64(),
+                    self.args.rearm_every.as_secs()
+                );
+            }
+            Event::Armed => {
                 state.armed = true;
                 eprintln!(
                     "freezetrap-capture: armed on pid {} ({}) in {:.2} s: keeping {} s before a stall and {} s after; captures go to {}",
@@ -451,7 +486,7 @@ impl Recorder<'_> {
                 }
             }
             Event::Lost(n) => state.lost += n,
-            Event::Armed | Event::Other => {}
+            Event::Other => {}
         }
     }
 
@@ -497,6 +532,7 @@ impl Recorder<'_> {
             late_entries: state.window.late_entries,
             dropped_entries: state.window.dropped_entries,
             lost_events: state.lost,
+            lost_stacks: state.window.lost_stacks,
         };
         let written = disk::write(&self.args.out, state.pid, &ready, counts);
         match written {

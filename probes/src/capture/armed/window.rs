@@ -177,6 +177,9 @@ pub struct Window {
     pub late_entries: u64,
     /// Entries refused because the window held `max_entries` already.
     pub dropped_entries: u64,
+    /// Off-CPU entries without a kernel stack: bpftrace's stack map had no room for it (every
+    /// off-CPU block has one, down to `__schedule`).
+    pub lost_stacks: u64,
 }
 
 impl Window {
@@ -196,6 +199,7 @@ impl Window {
             written: Vec::new(),
             late_entries: 0,
             dropped_entries: 0,
+            lost_stacks: 0,
         }
     }
 
@@ -213,6 +217,9 @@ impl Window {
         let is_max = merges_by_max(name);
         let horizon = self.horizon();
         for (bucket, key, value) in entries {
+            if name == "@off" && !key.contains(",\n ") {
+                self.lost_stacks += 1;
+            }
             if bucket < horizon {
                 self.late_entries += 1;
                 continue;
@@ -240,6 +247,11 @@ impl Window {
             };
             self.entries += map.len() - len;
         }
+    }
+
+    /// True while a capture waits for its last buckets.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// Records a stall. Returns false when it joined a capture that was already pending (one
@@ -461,6 +473,10 @@ mod tests {
         w.add_map("@off", (0..5).map(|i| (0, format!("t{i},,"), 1)).collect());
         assert_eq!(w.entries, 3);
         assert_eq!(w.dropped_entries, 2);
+        // Off-CPU keys without a kernel stack: bpftrace had no room left for the stack.
+        assert_eq!(w.lost_stacks, 5);
+        w.add_map("@off", vec![(0, "t0,\n    __schedule+1\n,".into(), 1)]);
+        assert_eq!(w.lost_stacks, 5);
         // An existing key still accumulates.
         w.add_map("@off", vec![(0, "t0,,".into(), 5)]);
         assert_eq!(w.buckets[&0]["@off"]["t0,,"], 6);
