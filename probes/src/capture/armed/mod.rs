@@ -438,7 +438,7 @@ impl Recorder<'_> {
         }
         // Whatever is pending gets written with the data that is in.
         for ready in state.window.flush() {
-            self.write(&state, ready);
+            self.write(state, ready);
         }
         super::stop_bpftrace(&mut child, Duration::from_secs(2));
         drop(rx);
