@@ -92,6 +92,32 @@ fn serve(i: usize, stop: Arc<AtomicBool>, served: Arc<AtomicU64>) {
     }
 }
 
+/// The helper's last word in its log: its one-line summary, or its error.
+fn final_line(log: &str) -> Option<&str> {
+    log.lines().rev().find(|l| {
+        l.starts_with("freezetrap-capture: ")
+            && !l.starts_with("freezetrap-capture: recording")
+            && !l.starts_with("freezetrap-capture: no flame graph")
+    })
+}
+
+/// Waits (at most `limit`) until every capture started under `out` has said its last word.
+fn wait_for_captures(out: &std::path::Path, limit: std::time::Duration) {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        let running = std::fs::read_dir(out)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("helper.log")).ok())
+            .any(|log| final_line(&log).is_none());
+        if !running {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Snapshotting the index like BGSAVE: fork, let the child "write" it, wait.
 fn snapshot(index_len: usize) -> f64 {
     let t = Instant::now();
@@ -204,8 +230,7 @@ pub fn run(fixed: bool) -> std::process::ExitCode {
         r.flush(std::time::Duration::from_secs(10));
     }
     if ebpf {
-        // Let the last capture finish (its duration is 3 s).
-        std::thread::sleep(std::time::Duration::from_millis(3500));
+        wait_for_captures(&out, std::time::Duration::from_secs(30));
     }
     eprintln!(
         "demo: done in {:.1} s; workers served {} requests",
@@ -229,10 +254,7 @@ pub fn run(fixed: bool) -> std::process::ExitCode {
     caps.sort();
     for c in &caps {
         let log = std::fs::read_to_string(c.join("helper.log")).unwrap_or_default();
-        let line = log
-            .lines()
-            .find(|l| l.starts_with("freezetrap-capture: pid"))
-            .unwrap_or("(no summary)");
+        let line = final_line(&log).unwrap_or("(still running)");
         eprintln!("demo: capture {}: {}", c.display(), line);
         if c.join("offcpu.svg").exists() {
             eprintln!("demo:   flame graph: {}", c.join("offcpu.svg").display());

@@ -75,7 +75,15 @@ fn the_demo_names_the_resize_and_captures_the_snapshot_freeze() {
         .filter_map(|e| std::fs::read(e.path().join("summary.json")).ok())
         .map(|b| serde_json::from_slice::<serde_json::Value>(&b).unwrap())
         .collect();
-    assert!(!holds.is_empty(), "no capture summary written:\n{stderr}");
+    let logs: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("helper.log")).ok())
+        .collect();
+    assert!(
+        !holds.is_empty(),
+        "no capture summary written:\n{stderr}\nhelper logs:\n{logs:#?}\nreport:\n{lines:#?}"
+    );
     assert!(
         holds.iter().any(
             |s| s["mmap_lock"]["max_write_hold_us"].as_u64().unwrap_or(0) > 0
