@@ -214,8 +214,11 @@ fn finish_recorder(
     }
     let _ = recorder.kill();
     let status = recorder.wait().unwrap();
-    let said: Vec<String> = out.try_iter().collect();
-    let errs: Vec<String> = err.try_iter().collect();
+    // Up to the end of the recorder's output (the reader threads may lag behind its exit).
+    let drain = |rx: mpsc::Receiver<String>| -> Vec<String> {
+        std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(5)).ok()).collect()
+    };
+    let (said, errs) = (drain(out), drain(err));
     assert!(status.success(), "recorder: {said:#?}\n{errs:#?}");
     eprintln!("{}", said.join("\n"));
     (said, errs)

@@ -164,9 +164,12 @@ fn armed_mode_captures_the_seconds_before_stall_begin() {
     // The freeze is in the timeline, in a bucket that ended before the probe fired, about
     // LEAD_MS earlier.
     let timeline = summary["timeline"].as_array().unwrap();
+    // The longest hold is the fork's (other mmap_lock writers, e.g. the mmappers, can hold it
+    // for a millisecond on a busy machine, but not for the fork's tens).
     let hold = timeline
         .iter()
-        .find(|r| r["max_write_hold_us"].as_u64().unwrap() >= 1000)
+        .max_by_key(|r| r["max_write_hold_us"].as_u64().unwrap())
+        .filter(|r| r["max_write_hold_us"].as_u64().unwrap() >= 1000)
         .unwrap_or_else(|| panic!("no write hold in the timeline: {summary:#}"));
     let t_ms = hold["t_ms"].as_i64().unwrap();
     let expected = -((probe_ns - fork_ns) as i64 / 1_000_000);
@@ -367,7 +370,10 @@ fn a_hung_bpftrace_is_stopped_and_a_killed_recorder_takes_it_along() {
         .unwrap_or_default();
     let fake_pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
     let status = rec.wait().unwrap();
-    let said: Vec<String> = rec_err.try_iter().collect();
+    // Everything the recorder said, up to the end of its stderr (the reader thread may lag
+    // behind the exit).
+    let said: Vec<String> =
+        std::iter::from_fn(|| rec_err.recv_timeout(Duration::from_secs(5)).ok()).collect();
     assert_eq!(status.code(), Some(8), "{said:?}");
     assert!(
         said.iter()
