@@ -23,41 +23,10 @@ fn child_service() {
     if common::role().as_deref() != Some("service") {
         return;
     }
-    let mut big = vec![0u8; 1536 << 20];
-    for i in (0..big.len()).step_by(4096) {
-        big[i] = 1;
-    }
+    let big = common::resident(1536 << 20);
     let ft = freezetrap::init_from_env();
     let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..3)
-        .map(|i| {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name(format!("mmapper-{i}"))
-                .spawn(move || {
-                    let hb = freezetrap::Heartbeat::new(&format!("mmapper-{i}"));
-                    while !stop.load(Ordering::Relaxed) {
-                        hb.beat();
-                        // SAFETY: a fresh private anonymous mapping, touched and unmapped.
-                        unsafe {
-                            let p = libc::mmap(
-                                std::ptr::null_mut(),
-                                1 << 16,
-                                libc::PROT_READ | libc::PROT_WRITE,
-                                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                                -1,
-                                0,
-                            );
-                            assert_ne!(p, libc::MAP_FAILED);
-                            *(p as *mut u8) = 1;
-                            libc::munmap(p, 1 << 16);
-                        }
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                })
-                .unwrap()
-        })
-        .collect();
+    let workers = common::heartbeating_mmappers(3, stop.clone());
     println!("READY");
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).unwrap();

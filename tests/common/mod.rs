@@ -154,3 +154,52 @@ pub fn stalls(path: &std::path::Path) -> Vec<serde_json::Value> {
         .filter(|j| j["event"] == "stall")
         .collect()
 }
+
+/// `bytes` of memory with every page touched: resident, so that a `fork()` must copy page tables
+/// for all of it while holding mmap_lock for write.
+pub fn resident(bytes: usize) -> Vec<u8> {
+    let mut big = vec![0u8; bytes];
+    for i in (0..big.len()).step_by(4096) {
+        big[i] = 1;
+    }
+    big
+}
+
+/// `n` heartbeating threads named `mmapper-N` that map, touch and unmap 64 KiB in a loop until
+/// `stop`: each mmap takes mmap_lock for write, so they wait (and their heartbeats stall) while
+/// a fork holds it. They sleep 200 µs per turn: on 2 cores, spinning workers would starve each
+/// other into stalls that have nothing to do with the lock.
+pub fn heartbeating_mmappers(
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("mmapper-{i}"))
+                .spawn(move || {
+                    let hb = freezetrap::Heartbeat::new(&format!("mmapper-{i}"));
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        hb.beat();
+                        // SAFETY: a fresh private anonymous mapping, touched and unmapped.
+                        unsafe {
+                            let p = libc::mmap(
+                                std::ptr::null_mut(),
+                                1 << 16,
+                                libc::PROT_READ | libc::PROT_WRITE,
+                                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                                -1,
+                                0,
+                            );
+                            assert_ne!(p, libc::MAP_FAILED);
+                            *(p as *mut u8) = 1;
+                            libc::munmap(p, 1 << 16);
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                })
+                .unwrap()
+        })
+        .collect()
+}

@@ -367,70 +367,12 @@ impl Drop for Trigger {
 /// Deletes the oldest `stall-*` directories under `out_dir` until they total at most
 /// `max_bytes`. Runs on the report thread, after stalls.
 pub fn enforce_byte_cap(out_dir: &Path, max_bytes: u64) -> std::io::Result<u64> {
-    fn size(p: &Path) -> u64 {
-        std::fs::read_dir(p)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| {
-                        e.metadata()
-                            .map(|m| if m.is_dir() { size(&e.path()) } else { m.len() })
-                            .unwrap_or(0)
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-    let mut dirs: Vec<(std::time::SystemTime, std::path::PathBuf, u64)> =
-        std::fs::read_dir(out_dir)?
-            .flatten()
-            .filter(|e| e.file_name().as_bytes().starts_with(b"stall-"))
-            .filter_map(|e| {
-                Some((
-                    e.metadata().ok()?.modified().ok()?,
-                    e.path(),
-                    size(&e.path()),
-                ))
-            })
-            .collect();
-    dirs.sort();
-    let mut total: u64 = dirs.iter().map(|d| d.2).sum();
-    let mut removed = 0;
-    for (_, path, bytes) in dirs {
-        if total <= max_bytes {
-            break;
-        }
-        std::fs::remove_dir_all(&path)?;
-        total -= bytes;
-        removed += bytes;
-    }
-    Ok(removed)
+    probes::capture::output::enforce_byte_cap(out_dir, "stall-", max_bytes, None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_byte_cap_deletes_the_oldest_capture_directories_first() {
-        let root = std::env::temp_dir().join(format!("freezetrap-cap-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        for (i, name) in ["stall-1-9", "stall-2-9", "stall-3-9"].iter().enumerate() {
-            let d = root.join(name);
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("offcpu.folded"), vec![b'x'; 1000]).unwrap();
-            // Distinct modification times, oldest first.
-            let t =
-                std::time::SystemTime::now() - std::time::Duration::from_secs(100 - i as u64 * 10);
-            std::fs::File::open(&d).unwrap().set_modified(t).unwrap();
-        }
-        std::fs::write(root.join("report.jsonl"), vec![b'y'; 5000]).unwrap(); // not a capture: kept
-        let removed = enforce_byte_cap(&root, 2000).unwrap();
-        assert_eq!(removed, 1000);
-        assert!(!root.join("stall-1-9").exists());
-        assert!(root.join("stall-2-9").exists() && root.join("stall-3-9").exists());
-        assert!(root.join("report.jsonl").exists());
-        std::fs::remove_dir_all(&root).unwrap();
-    }
 
     #[test]
     fn helper_validation_reasons() {

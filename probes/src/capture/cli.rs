@@ -133,8 +133,7 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
             )
         }
     };
-    // Read stdout and stderr on threads (a full stderr pipe must never block bpftrace); print
-    // "recording" as soon as bpftrace says it attached.
+    // Read stdout and stderr on threads; print "recording" as soon as bpftrace says it attached.
     let stdout = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
@@ -148,18 +147,7 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
         });
         all
     });
-    let stderr = child.stderr.take().expect("piped");
-    let errors = std::thread::spawn(move || {
-        let mut all = String::new();
-        super::for_each_line(stderr, |line| {
-            if all.len() < 64 << 10 {
-                all.push_str(&line);
-                all.push('\n');
-            }
-            true
-        });
-        all
-    });
+    let errors = super::collect_stderr(child.stderr.take().expect("piped"));
     // Our own deadline: exit even if bpftrace hangs. SIGINT first, so that a bpftrace that is
     // merely slow still prints what it recorded.
     let deadline = Instant::now() + Duration::from_secs(args.duration + 15);
@@ -177,11 +165,7 @@ fn run_triggered(args: impl Iterator<Item = String>) -> ExitCode {
     let stderr = errors.join().unwrap_or_default();
     let maps = parse_maps(&output);
     if maps.is_empty() {
-        let why = stderr
-            .lines()
-            .find(|l| l.contains("ERROR") && !l.contains("RLIMIT_MEMLOCK"))
-            .unwrap_or("no data")
-            .to_string();
+        let why = super::first_error(&stderr).unwrap_or("no data").to_string();
         return fail(
             preflight::EXIT_BPFTRACE_FAILED,
             format!(

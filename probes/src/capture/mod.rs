@@ -75,6 +75,32 @@ pub(crate) fn interrupt(child: &mut std::process::Child) {
     }
 }
 
+/// Collects bpftrace's stderr on a thread (a full pipe must never block bpftrace), keeping the
+/// first 64 KiB.
+pub(crate) fn collect_stderr(
+    stderr: impl std::io::Read + Send + 'static,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        for_each_line(stderr, |line| {
+            if text.len() < 64 << 10 {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            true
+        });
+        text
+    })
+}
+
+/// bpftrace's first error line in `stderr`, skipping the harmless RLIMIT_MEMLOCK warning it
+/// prints on this kernel.
+pub(crate) fn first_error(stderr: &str) -> Option<&str> {
+    stderr
+        .lines()
+        .find(|l| l.contains("ERROR") && !l.contains("RLIMIT_MEMLOCK"))
+}
+
 /// Calls `each` with every line of `reader` until EOF. Bytes that are not UTF-8 (a thread name
 /// cut in the middle of a character) are replaced, not taken for the end of the output.
 pub(crate) fn for_each_line(reader: impl std::io::Read, mut each: impl FnMut(String) -> bool) {

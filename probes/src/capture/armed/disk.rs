@@ -105,46 +105,17 @@ fn fresh_dir(out: &Path, name: &str) -> Option<PathBuf> {
     })
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
-}
-
-/// Deletes the oldest `armed-*` capture directories in `out` until they total at most
-/// `max_bytes`; `newest` (just written) is kept whatever its size.
+/// The shared byte cap over this recorder's `armed-*` directories, with a line per deletion.
 pub(super) fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: Option<&Path>) {
-    let mut dirs: Vec<(std::time::SystemTime, PathBuf, u64)> = std::fs::read_dir(out)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("armed-"))
-        .filter_map(|e| {
-            let m = e.metadata().ok().filter(|m| m.is_dir())?;
-            Some((m.modified().ok()?, e.path(), dir_bytes(&e.path())))
-        })
-        .collect();
-    dirs.sort();
-    let mut total: u64 = dirs.iter().map(|d| d.2).sum();
-    for (_, dir, bytes) in dirs {
-        if total <= max_bytes {
-            break;
-        }
-        if Some(dir.as_path()) == newest {
-            continue;
-        }
-        if std::fs::remove_dir_all(&dir).is_ok() {
-            eprintln!(
-                "freezetrap-capture: removed {} to stay under {} bytes of captures",
-                dir.display(),
-                max_bytes
-            );
-            total -= bytes;
-        }
+    match crate::capture::output::enforce_byte_cap(out, "armed-", max_bytes, newest) {
+        Ok(0) => {}
+        Ok(bytes) => eprintln!(
+            "freezetrap-capture: removed {bytes} bytes of the oldest captures to stay under {max_bytes}"
+        ),
+        Err(e) => eprintln!(
+            "freezetrap-capture: cannot keep the captures in {} under {max_bytes} bytes: {e}",
+            out.display()
+        ),
     }
 }
 

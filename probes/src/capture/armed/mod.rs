@@ -359,18 +359,7 @@ impl Recorder<'_> {
             });
             let _ = tx.send(Line::Eof);
         });
-        let stderr = child.stderr.take().expect("piped");
-        let errors = std::thread::spawn(move || {
-            let mut text = String::new();
-            super::for_each_line(stderr, |line| {
-                if text.len() < 64 << 10 {
-                    text.push_str(&line);
-                    text.push('\n');
-                }
-                true
-            });
-            text
-        });
+        let errors = super::collect_stderr(child.stderr.take().expect("piped"));
 
         let mut last_line = Instant::now();
         let outcome = loop {
@@ -382,10 +371,7 @@ impl Recorder<'_> {
                 Ok(Line::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let _ = child.wait();
                     let text = errors.join().unwrap_or_default();
-                    let why = text
-                        .lines()
-                        .find(|l| l.contains("ERROR") && !l.contains("RLIMIT_MEMLOCK"))
-                        .unwrap_or("it exited");
+                    let why = super::first_error(&text).unwrap_or("it exited");
                     break Err(Refusal::new(
                         preflight::EXIT_BPFTRACE_FAILED,
                         format!("bpftrace stopped recording pid {pid}: {why}"),
