@@ -25,7 +25,7 @@ pub struct EnvVar {
 pub const ENV_VARS: &[EnvVar] = &[
     EnvVar {
         name: "FREEZETRAP_ALLOC_THRESHOLD",
-        value: "size: `67108864`, `64MiB`, `1GiB`, `512MB`",
+        value: "size: `67108864`, `64MiB`, `1GiB`, `512MB` (below 64KiB: accepted, said once)",
         default: "off",
         effect: "record every allocation / reallocation of at least this size (backtrace, USDT probe, report line)",
     },
@@ -33,13 +33,13 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "FREEZETRAP_REPORT",
         value: "a file path, `stderr`, or `off`",
         default: "off",
-        effect: "where the JSON-lines report goes (appended); a relative path is taken under `FREEZETRAP_OUT` when that is set",
+        effect: "where the JSON-lines report goes (appended; created 0600, never through a symlink, and only a regular file owned by this user); a relative path is taken under `FREEZETRAP_OUT` when that is set",
     },
     EnvVar {
         name: "FREEZETRAP_OUT",
         value: "directory",
         default: "none",
-        effect: "where reports and captures go (created 0700 if missing)",
+        effect: "where reports and captures go (created 0700 if missing; refused with one line unless owned by this process's user and not writable by group or others; without it captures stay off)",
     },
     EnvVar {
         name: "FREEZETRAP_BACKTRACE_DEPTH",
@@ -74,6 +74,8 @@ pub enum ParseError {
     Overflow,
     /// Zero, where zero makes no sense (a threshold of 0 would record every allocation).
     Zero,
+    /// Well-formed, but outside the range that makes sense for this setting.
+    OutOfRange,
 }
 
 impl fmt::Display for ParseError {
@@ -84,6 +86,7 @@ impl fmt::Display for ParseError {
             ParseError::UnknownUnit => "the unit is not known",
             ParseError::Overflow => "the value is too large",
             ParseError::Zero => "the value must be greater than zero",
+            ParseError::OutOfRange => "the value is outside the accepted range",
         })
     }
 }
@@ -224,6 +227,24 @@ pub fn parse_duration_ns(s: &[u8]) -> Result<u64, ParseError> {
     Ok(v)
 }
 
+/// [`parse_duration_ns`], then `min_ns..=max_ns` (else [`ParseError::OutOfRange`]).
+pub fn parse_duration_in(s: &[u8], min_ns: u64, max_ns: u64) -> Result<u64, ParseError> {
+    let v = parse_duration_ns(s)?;
+    if v < min_ns || v > max_ns {
+        return Err(ParseError::OutOfRange);
+    }
+    Ok(v)
+}
+
+/// [`parse_size`], then at least `min` (else [`ParseError::OutOfRange`]).
+pub fn parse_size_at_least(s: &[u8], min: usize) -> Result<usize, ParseError> {
+    let v = parse_size(s)?;
+    if v < min {
+        return Err(ParseError::OutOfRange);
+    }
+    Ok(v)
+}
+
 /// Parses a whole number in `min..=max`.
 pub fn parse_uint_in(s: &[u8], min: u64, max: u64) -> Result<u64, ParseError> {
     let (int, _, scale, unit) = split_number(s)?;
@@ -340,6 +361,22 @@ pub fn complain_malformed(
         "freezetrap: {name}=\"{shown}\" is not valid ({why}): expected {expected}; {consequence}"
     );
     m.emit_stderr();
+}
+
+/// The decimal digits of `v`, written into `out` (no allocation: usable during a freeze and in a
+/// process forked from a multi-threaded one).
+pub fn digits(v: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut i = out.len();
+    let mut v = v;
+    loop {
+        i -= 1;
+        out[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &out[i..]
 }
 
 /// Formats a byte count for people: `3.50 GiB`, `64.00 MiB`, `512 B`.

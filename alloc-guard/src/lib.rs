@@ -53,6 +53,7 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
+pub mod dirs;
 pub mod inflight;
 mod record;
 pub mod report;
@@ -209,43 +210,57 @@ pub fn reload_threshold_from_env() {
 }
 
 /// Settings read from the environment by [`init_from_env`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct EnvSettings {
-    /// `FREEZETRAP_OUT`, created 0700 if missing.
+    /// `FREEZETRAP_OUT`, when it could be used (created 0700 if missing; refused unless owned by
+    /// this process's user and not writable by group or others).
     pub out_dir: Option<PathBuf>,
     /// `FREEZETRAP_REPORT`.
     pub report: ReportSink,
     /// `FREEZETRAP_QUIET=1`: no human line per large allocation.
     pub quiet: bool,
+    /// The open handle on `out_dir`: everything written there goes through it.
+    out: Option<Arc<dirs::Dir>>,
 }
 
 impl EnvSettings {
     /// Reads `FREEZETRAP_OUT`, `FREEZETRAP_REPORT` and `FREEZETRAP_QUIET`. Problems print one line
     /// each and fall back to a safe default (no directory, report off, not quiet).
     pub fn from_env() -> EnvSettings {
-        let out_dir = std::env::var_os("FREEZETRAP_OUT").and_then(|d| {
+        let out = std::env::var_os("FREEZETRAP_OUT").and_then(|d| {
             let d = PathBuf::from(d);
-            match create_private_dir(&d) {
-                Ok(()) => Some(d),
-                Err(e) => {
+            match dirs::Dir::open_private(&d) {
+                Ok(dir) => Some(Arc::new(dir)),
+                Err(why) => {
                     eprintln!(
-                        "freezetrap: FREEZETRAP_OUT={} cannot be used ({e}): reports and captures will not be written there",
+                        "freezetrap: FREEZETRAP_OUT={} is refused: {why}: reports and captures will not be written there",
                         d.display()
                     );
                     None
                 }
             }
         });
+        let out_dir = out.as_ref().map(|d| d.path().to_path_buf());
         let report = match std::env::var("FREEZETRAP_REPORT") {
             Ok(v) => ReportSink::parse(&v, out_dir.as_deref()),
             Err(std::env::VarError::NotPresent) => ReportSink::Off,
-            Err(std::env::VarError::NotUnicode(v)) => ReportSink::File(PathBuf::from(v)),
+            Err(std::env::VarError::NotUnicode(v)) => ReportSink::File(match &out_dir {
+                Some(dir) if std::path::Path::new(&v).is_relative() => dir.join(v),
+                _ => PathBuf::from(v),
+            }),
         };
-        let quiet = match std::env::var("FREEZETRAP_QUIET").as_deref() {
-            Ok("1") | Ok("true") | Ok("yes") => true,
-            Ok("0") | Ok("false") | Ok("no") | Ok("") | Err(_) => false,
-            Ok(other) => {
-                eprintln!("freezetrap: FREEZETRAP_QUIET=\"{other}\" is not valid: expected 1 or 0; staying verbose");
+        let quiet = match std::env::var("FREEZETRAP_QUIET") {
+            Ok(v) => match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                other => {
+                    eprintln!("freezetrap: FREEZETRAP_QUIET=\"{other}\" is not valid: expected 1 or 0; staying verbose");
+                    false
+                }
+            },
+            Err(std::env::VarError::NotPresent) => false,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                eprintln!("freezetrap: FREEZETRAP_QUIET is not valid UTF-8: expected 1 or 0; staying verbose");
                 false
             }
         };
@@ -253,13 +268,19 @@ impl EnvSettings {
             out_dir,
             report,
             quiet,
+            out,
         }
+    }
+
+    /// The open, checked `FREEZETRAP_OUT` directory.
+    pub fn out(&self) -> Option<&Arc<dirs::Dir>> {
+        self.out.as_ref()
     }
 
     /// Opens the report writer these settings name; on failure prints one line and returns a
     /// writer that discards JSON.
     pub fn open_writer(&self) -> Arc<ReportWriter> {
-        match ReportWriter::open(self.report.clone()) {
+        match ReportWriter::open_in(self.report.clone(), self.out.as_deref()) {
             Ok(w) => Arc::new(w),
             Err(e) => {
                 eprintln!("freezetrap: {e}: the JSON report is off; check FREEZETRAP_REPORT");
@@ -267,18 +288,6 @@ impl EnvSettings {
             }
         }
     }
-}
-
-/// Creates `dir` (and parents) with mode 0700 if it does not exist.
-pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 /// Starts the reporter when recording is on (`FREEZETRAP_ALLOC_THRESHOLD` set and valid, or

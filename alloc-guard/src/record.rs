@@ -79,7 +79,12 @@ pub(crate) fn ensure_init() {
     sys::register_fork_handler();
     if let Some(v) = config::getenv_bytes(c"FREEZETRAP_ALLOC_THRESHOLD") {
         match config::parse_size(v) {
-            Ok(t) => BASE_THRESHOLD.store(t, Ordering::Relaxed),
+            Ok(t) => {
+                if t < SMALL_THRESHOLD {
+                    warn_small_threshold(v, t);
+                }
+                BASE_THRESHOLD.store(t, Ordering::Relaxed)
+            }
             Err(e) => {
                 COMPLAINED.store(true, Ordering::Relaxed);
                 config::complain_malformed(
@@ -107,6 +112,23 @@ pub(crate) fn ensure_init() {
     }
     publish_threshold();
     INIT.store(READY, Ordering::Release);
+}
+
+/// Below this, a threshold is accepted but said once: so many allocations reach it that the
+/// backtrace each one pays for (about 1 µs with frame pointers) becomes the program's cost.
+pub(crate) const SMALL_THRESHOLD: usize = 64 << 10;
+
+/// The one-time note about a threshold under [`SMALL_THRESHOLD`]. Formatted on the stack: this
+/// runs inside the allocator's first call.
+fn warn_small_threshold(value: &[u8], bytes: usize) {
+    use core::fmt::Write as _;
+    let mut m = config::StackMessage::new();
+    let shown = core::str::from_utf8(&value[..value.len().min(64)]).unwrap_or("<not UTF-8>");
+    let _ = write!(
+        m,
+        "freezetrap: FREEZETRAP_ALLOC_THRESHOLD=\"{shown}\" is below 64 KiB: every allocation of at least {bytes} bytes pays for a backtrace (about 1 µs each); recording anyway"
+    );
+    m.emit_stderr();
 }
 
 /// True once the slow path has run at least once: the wrapper is serving allocations.

@@ -10,7 +10,7 @@ use crate::config::{HumanBytes, HumanNanos};
 use crate::ring::{Cursor, RawEvent, RING};
 use crate::symbolize::{first_user_frame, Frame, Symbolizer};
 use serde::Serialize;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,21 +56,24 @@ pub struct ReportWriter {
 }
 
 impl ReportWriter {
-    /// Opens the sink (creating or appending to a file). An error names the path.
+    /// Opens the sink, appending to a file (created 0600 if missing). The file is opened without
+    /// following a symbolic link and must be a regular file owned by this process's user; every
+    /// directory above it must be owned by root or this user and not writable by others (a
+    /// root-owned sticky directory such as `/tmp` excepted). An error names the path and why.
     pub fn open(sink: ReportSink) -> io::Result<ReportWriter> {
+        Self::open_in(sink, None)
+    }
+
+    /// Like [`ReportWriter::open`]; a report file directly inside `out` (`FREEZETRAP_OUT`,
+    /// already opened and checked) is opened through that handle.
+    pub fn open_in(sink: ReportSink, out: Option<&crate::dirs::Dir>) -> io::Result<ReportWriter> {
         let file = match &sink {
-            ReportSink::File(p) => Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("cannot open report file {}: {e}", p.display()),
-                        )
-                    })?,
-            ),
+            ReportSink::File(p) => Some(open_report_file(p, out).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot open report file {}: {e}", p.display()),
+                )
+            })?),
             _ => None,
         };
         Ok(ReportWriter {
@@ -122,6 +125,21 @@ impl ReportWriter {
                 );
             }
         }
+    }
+}
+
+/// Opens the report file `path` for appending, by handle (see [`ReportWriter::open`]).
+fn open_report_file(path: &Path, out: Option<&crate::dirs::Dir>) -> io::Result<File> {
+    let path = std::path::absolute(path)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no UTF-8 file name"))?;
+    match out {
+        Some(dir) if path.parent() == Some(dir.path()) => dir.open_append(name),
+        _ => crate::dirs::Dir::open_parent_of(&path, crate::dirs::Owners::root_or_me())
+            .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))?
+            .open_append(name),
     }
 }
 

@@ -100,19 +100,40 @@ extern "C" {
 }
 
 /// The top of the calling thread's stack, without reading `/proc` and without the Rust global
-/// allocator: the initial thread's from glibc's `__libc_stack_end`, other threads' from
-/// `pthread_getattr_np` (which reads the thread descriptor; it allocates a CPU set through
-/// glibc's own malloc, never through the Rust global allocator). 0 if unknown.
-fn stack_top(tid: u64) -> usize {
-    // SAFETY: getpid cannot fail.
-    if tid == unsafe { libc::getpid() } as u64 {
-        // SAFETY: glibc defines this symbol for every dynamically or statically linked program
-        // and sets it before main; reading a pointer-sized static is sound.
-        return unsafe { __libc_stack_end } as usize;
+/// allocator. 0 if unknown.
+///
+/// - On the initial thread: glibc's `__libc_stack_end`. (glibc's `pthread_getattr_np` would read
+///   `/proc/self/maps` for it, which may block on the `mmap_lock` during a freeze.)
+/// - On any other thread: `pthread_getattr_np`, which reads the bounds from the thread
+///   descriptor (it allocates a CPU set through glibc's own malloc, never through the Rust
+///   global allocator).
+///
+/// Which thread this is, is decided by where the stack pointer is, not by comparing the thread
+/// id with the pid: in the child of a `fork()` called on a spawned thread, the one thread left
+/// has the pid as its id but runs on the spawned thread's stack, far from `__libc_stack_end`
+/// (a bound taken from the wrong stack would let a frame-pointer walk read unmapped memory).
+/// The initial thread's stack lies within `RLIMIT_STACK` below `__libc_stack_end`; thread stacks
+/// are mappings of their own, at least that far away.
+fn stack_top() -> usize {
+    let marker = 0u8;
+    let sp = core::hint::black_box(&marker) as *const u8 as usize;
+    // SAFETY: glibc defines this symbol for every dynamically or statically linked program and
+    // sets it before main; reading a pointer-sized static is sound.
+    let main_end = unsafe { __libc_stack_end } as usize;
+    // SAFETY: an all-zero rlimit is a valid value; getrlimit fills it (a syscall, no allocation).
+    let mut lim: libc::rlimit = unsafe { core::mem::zeroed() };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    let max_main = if unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut lim) } == 0 {
+        (lim.rlim_cur as usize).min(4 << 30)
+    } else {
+        8 << 20
+    };
+    if sp < main_end && main_end - sp <= max_main {
+        return main_end;
     }
     // SAFETY: `attr` is initialised by pthread_getattr_np before use and destroyed after; the
-    // out-pointers are valid locals. For a non-initial thread glibc takes the bounds from the
-    // thread descriptor (no /proc read).
+    // out-pointers are valid locals. This is not the initial thread's stack, so glibc takes the
+    // bounds from the thread descriptor (no /proc read).
     unsafe {
         let mut attr: libc::pthread_attr_t = core::mem::zeroed();
         if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
@@ -122,10 +143,11 @@ fn stack_top(tid: u64) -> usize {
         let mut size: libc::size_t = 0;
         let ok = libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0;
         libc::pthread_attr_destroy(&mut attr);
-        if ok {
-            (addr as usize).saturating_add(size)
+        let (lo, hi) = (addr as usize, (addr as usize).saturating_add(size));
+        if ok && lo <= sp && sp < hi {
+            hi
         } else {
-            0
+            0 // the bounds do not contain our own stack pointer: trust nothing
         }
     }
 }
@@ -146,7 +168,7 @@ pub fn current_thread_facts() -> ThreadFacts {
                 generation,
                 tid,
                 name: current_thread_name(),
-                stack_hi: stack_top(tid),
+                stack_hi: stack_top(),
             };
             let _ = FACTS.try_with(|f| f.set(facts));
             facts

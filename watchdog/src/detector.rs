@@ -31,6 +31,9 @@ pub(crate) enum Msg {
     },
     /// A stall was detected but no record was free (the report thread is behind).
     Dropped { stall_id: u64 },
+    /// The launcher process died: start a new one (forking is allowed on the report thread,
+    /// and no stall is open) and send it back.
+    RestartLauncher,
 }
 
 /// Per-heartbeat state private to the watchdog thread.
@@ -51,6 +54,8 @@ struct LoopState {
     pool: [Option<ForkSafeBox<StallRecord>>; crate::POOL],
     trigger: Option<Trigger>,
     next_id: u64,
+    /// A new launcher was asked for at this time (0 = not asked).
+    restart_asked_ns: u64,
 }
 
 pub(crate) struct Detector {
@@ -62,6 +67,8 @@ pub(crate) struct Detector {
     /// Records coming back from the report thread.
     pub(crate) returned: Receiver<ForkSafeBox<StallRecord>>,
     pub(crate) out: Sender<Msg>,
+    /// New launchers from the report thread (after one died).
+    pub(crate) launchers: Receiver<crate::launcher::Launcher>,
     pub(crate) next_id: u64,
 }
 
@@ -95,8 +102,8 @@ impl Detector {
         alloc_guard::RING.touch_all();
         alloc_guard::inflight::touch_all();
         crate::forksafe::populate_code();
-        let mut st = match ForkSafeBox::new_with(|p: *mut LoopState| {
-            // SAFETY: zeroed memory; every field whose zero pattern is not valid is written.
+        let init = |p: *mut LoopState| {
+            // SAFETY: `p` is valid for writes of a LoopState (ForkSafeBox::new_with's promise).
             unsafe {
                 p.write(LoopState {
                     watched: [Watched::default(); MAX_HEARTBEATS],
@@ -104,9 +111,12 @@ impl Detector {
                     pool: [const { None }; crate::POOL],
                     trigger: None,
                     next_id: 1,
+                    restart_asked_ns: 0,
                 })
             }
-        }) {
+        };
+        // SAFETY: `init` writes a whole LoopState.
+        let mut st = match unsafe { ForkSafeBox::new_with(init) } {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("freezetrap: the watchdog cannot map its state ({e}): stalls will not be detected");
@@ -129,6 +139,7 @@ impl Detector {
             pool,
             trigger,
             next_id,
+            restart_asked_ns,
         } = &mut *st;
         let tick = self.cfg.tick.as_nanos() as u64;
         let threshold = self.cfg.threshold.as_nanos() as u64;
@@ -256,7 +267,7 @@ impl Detector {
             }
 
             if let Some(t) = trigger.as_mut() {
-                match t.poll(now) {
+                match t.poll() {
                     Some(TriggerEvent::Spawned { stall_id, mono_ns }) => {
                         if let Some(rec) = open.iter_mut().flatten().find(|r| r.id == stall_id) {
                             rec.capture_spawned_ns = mono_ns;
@@ -284,7 +295,20 @@ impl Detector {
                             }
                         }
                     }
-                    None => {}
+                    Some(TriggerEvent::LauncherDied) | None => {}
+                }
+                // A dead launcher is replaced once no stall is open (the report thread forks
+                // the service for it), at most once a minute.
+                if !t.has_launcher() && open.iter().all(Option::is_none) {
+                    let ask = *restart_asked_ns == 0
+                        || now.saturating_sub(*restart_asked_ns) > 60_000_000_000;
+                    if ask && self.out.try_send(Msg::RestartLauncher).is_ok() {
+                        *restart_asked_ns = now.max(1);
+                    }
+                    if let Ok(l) = self.launchers.try_recv() {
+                        t.install_launcher(l);
+                        *restart_asked_ns = 0;
+                    }
                 }
             }
 
@@ -313,13 +337,7 @@ fn end_stall(
     probes::stall_end(rec.id, rec.duration_ns);
     // The stall is over: allocating is allowed again.
     rec.capture_dir.clear();
-    if !matches!(
-        rec.capture,
-        CaptureStatus::NotConfigured
-            | CaptureStatus::SkippedBusy
-            | CaptureStatus::SkippedCooldown
-            | CaptureStatus::SkippedHourlyCap
-    ) {
+    if rec.capture.has_dir() {
         if let Some(t) = trigger {
             rec.capture_dir = t.last_dir();
         }

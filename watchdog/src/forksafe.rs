@@ -27,15 +27,41 @@ unsafe impl<T: Send> Send for ForkSafeBox<T> {}
 // SAFETY: shared access only hands out &T, like Box.
 unsafe impl<T: Sync> Sync for ForkSafeBox<T> {}
 
+/// Types for which the all-zero bit pattern is a valid value (integers, atomics, arrays of
+/// them), so a [`ForkSafeBox`] of fresh zeroed memory holds a valid one without initialisation.
+///
+/// # Safety
+/// Implement only for types whose every field is valid as zero bytes: no references, no
+/// `NonNull`, no enums without a zero discriminant, no `String` or `Vec`.
+pub unsafe trait Zeroable {}
+
 impl<T> ForkSafeBox<T> {
-    /// Maps fresh memory, marks it `MADV_DONTFORK`, touches every page, and builds the value in
-    /// place with `init` (which must fully initialise it).
-    pub fn new_with(init: impl FnOnce(*mut T)) -> std::io::Result<Self> {
+    /// A box of zeroed memory: a valid `T` by [`Zeroable`]'s contract.
+    pub fn new_zeroed() -> std::io::Result<Self>
+    where
+        T: Zeroable,
+    {
+        // SAFETY: `T: Zeroable`, so the zeroed mapping already holds a valid `T`.
+        unsafe { Self::new_with(|_| {}) }
+    }
+
+    /// Maps fresh memory, marks it `MADV_DONTFORK`, touches every page, and lets `init` finish
+    /// the value in place.
+    ///
+    /// # Safety
+    /// `init` receives a pointer to zeroed, writable, suitably aligned memory of `size_of::<T>()`
+    /// bytes and must leave a valid `T` there: every field whose all-zero pattern is not a
+    /// valid value must be written (with `ptr::write`/`addr_of_mut!`, never by assignment, which
+    /// would drop the invalid old value). The box then derefs to, and finally drops, that `T`.
+    pub unsafe fn new_with(init: impl FnOnce(*mut T)) -> std::io::Result<Self> {
         let ps = page_size();
         let len = size_of::<T>().max(1).div_ceil(ps) * ps;
-        assert!(core::mem::align_of::<T>() <= ps);
+        if core::mem::align_of::<T>() > ps {
+            return Err(std::io::Error::other("alignment above a page"));
+        }
         // SAFETY: a fresh private anonymous mapping, checked for failure; madvise and the
-        // page-touching writes stay inside it; `init` initialises the T at its start.
+        // page-touching writes stay inside it. Anonymous memory is zero-filled, so `init` gets
+        // zeroed memory as promised; the caller's contract makes it a valid `T`.
         unsafe {
             let p = libc::mmap(
                 core::ptr::null_mut(),
@@ -239,8 +265,9 @@ mod tests {
 
     #[test]
     fn a_box_survives_a_fork_untouched_and_the_child_does_not_see_it() {
+        // SAFETY: the closure writes a whole, valid array.
         let mut b =
-            ForkSafeBox::new_with(|p: *mut [u64; 1024]| unsafe { p.write([7; 1024]) }).unwrap();
+            unsafe { ForkSafeBox::new_with(|p: *mut [u64; 1024]| p.write([7; 1024])).unwrap() };
         b[3] = 9;
         // SAFETY: the child only calls _exit.
         let pid = unsafe { libc::fork() };

@@ -71,6 +71,9 @@ pub(crate) struct SampleRing {
 
 const SAMPLES: usize = 4096;
 
+// SAFETY: a SampleRing is atomics only; all zeroes is an empty ring.
+unsafe impl forksafe::Zeroable for SampleRing {}
+
 impl SampleRing {
     pub(crate) fn push(&self, v: u64) {
         let h = self.head.load(Ordering::Relaxed);
@@ -131,6 +134,8 @@ impl Watchdog {
         cfg: WatchdogConfig,
         writer: Arc<alloc_guard::ReportWriter>,
     ) -> std::io::Result<Watchdog> {
+        cfg.validate()
+            .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
         let trigger = match &cfg.capture {
             Some(c) => Some(trigger::Trigger::new(c.clone()).map_err(|why| {
                 std::io::Error::new(
@@ -152,6 +157,10 @@ impl Watchdog {
         mut cfg: WatchdogConfig,
         writer: Arc<alloc_guard::ReportWriter>,
     ) -> Option<Watchdog> {
+        if let Err(why) = cfg.validate() {
+            eprintln!("freezetrap: the watchdog's settings are refused: {why}: stalls will not be detected");
+            return None;
+        }
         let trigger = match &cfg.capture {
             Some(c) => match trigger::Trigger::new(c.clone()) {
                 Ok(t) => Some(t),
@@ -181,8 +190,7 @@ impl Watchdog {
     ) -> std::io::Result<Watchdog> {
         let hist = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
             .map_err(|e| std::io::Error::other(format!("histogram: {e}")))?;
-        // Zeroed memory is a valid SampleRing (atomics of 0): nothing to initialise.
-        let samples = forksafe::ForkSafeBox::new_with(|_p: *mut SampleRing| {})?;
+        let samples = forksafe::ForkSafeBox::<SampleRing>::new_zeroed()?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             samples,
@@ -194,12 +202,13 @@ impl Watchdog {
         }
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
         let (out_tx, out_rx) = crossbeam_channel::bounded(POOL * 4);
-        let helper = cfg.capture.as_ref().map(|c| {
-            (
-                c.helper.display().to_string(),
-                c.out_dir.clone(),
-                c.max_bytes,
-            )
+        let (launcher_tx, launcher_rx) = crossbeam_channel::bounded(1);
+        let helper = trigger.as_ref().map(|t| report::HelperInfo {
+            helper: t.config().helper.display().to_string(),
+            out: t.out().clone(),
+            max_bytes: t.config().max_bytes,
+            spec: t.spec(),
+            launchers: launcher_tx,
         });
         let reporter = std::thread::Builder::new()
             .name("freezetrap-stallrep".into())
@@ -211,6 +220,7 @@ impl Watchdog {
             pool,
             returned: pool_rx,
             out: out_tx,
+            launchers: launcher_rx,
             next_id: 1,
         };
         let detector = std::thread::Builder::new()

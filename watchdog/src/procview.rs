@@ -135,16 +135,14 @@ impl ProcSnapshot {
         self.len = 0;
         self.omitted = 0;
         self.taken_ns = alloc_guard::sys::monotonic_ns();
-        // SAFETY: a NUL-terminated literal path; the fd is closed below.
-        let dir = unsafe {
-            libc::open(
-                c"/proc/self/task".as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
+        let dir = rawsys::open(
+            b"/proc/self/task\0",
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
         if dir < 0 {
             return;
         }
+        let dir = dir as libc::c_int;
         let mut buf = [0u8; 4096];
         loop {
             let n = rawsys::getdents64(dir, &mut buf);
@@ -198,7 +196,7 @@ impl ProcSnapshot {
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
-    // (The inverse, integer to digits without allocating, is `trigger::digits`.)
+    // (The inverse, integer to digits without allocating, is `alloc_guard::config::digits`.)
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -219,7 +217,7 @@ fn read_task_file(tid: u64, file: &[u8], out: &mut [u8]) -> usize {
     };
     push(b"/proc/self/task/");
     let mut digits = [0u8; 20];
-    push(crate::trigger::digits(tid, &mut digits));
+    push(alloc_guard::config::digits(tid, &mut digits));
     push(b"/");
     push(file);
     // `path` is zero-initialised and at most 63 bytes are written, so it is NUL-terminated.

@@ -70,6 +70,30 @@ pub(crate) fn syscall4(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) 
     ret
 }
 
+/// `syscall(n, a, b, c, d, e)`; returns the kernel's result (negative errno on failure).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> isize {
+    let ret: isize;
+    // SAFETY: as `syscall3`; the fourth and fifth arguments go in r10 and r8.
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a, in("rsi") b, in("rdx") c,
+            in("r10") d, in("r8") e, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+/// Portable fallback (touches errno on failure).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> isize {
+    // SAFETY: forwards to libc's generic syscall wrapper.
+    let r = unsafe { libc::syscall(n, a, b, c, d, e) } as isize;
+    if r < 0 {
+        -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize)
+    } else {
+        r
+    }
+}
+
 /// Portable fallback (touches errno on failure).
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
@@ -118,15 +142,31 @@ pub(crate) fn getdents64(fd: libc::c_int, buf: &mut [u8]) -> isize {
     )
 }
 
-/// True when `fd` has data to read now (`poll` with a zero timeout).
-pub(crate) fn readable(fd: libc::c_int) -> bool {
+/// Whether `fd` has data to read now, and whether its other end hung up (`ppoll` with a zero
+/// timeout: `poll` itself does not exist on every architecture).
+pub(crate) fn poll_in(fd: libc::c_int) -> (bool, bool) {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
-    syscall3(libc::SYS_poll, &mut p as *mut libc::pollfd as usize, 1, 0) > 0
-        && p.revents & libc::POLLIN != 0
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // ppoll(fds, nfds, timeout, sigmask = NULL, sigsetsize): with no mask the size is not read.
+    let n = syscall5(
+        libc::SYS_ppoll,
+        &mut p as *mut libc::pollfd as usize,
+        1,
+        &zero as *const libc::timespec as usize,
+        0,
+        core::mem::size_of::<libc::sigset_t>(),
+    );
+    (
+        n > 0 && p.revents & libc::POLLIN != 0,
+        n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0,
+    )
 }
 
 #[cfg(test)]
@@ -154,15 +194,16 @@ mod tests {
     }
 
     #[test]
-    fn readable_is_true_only_when_there_is_data() {
+    fn poll_in_sees_data_and_hangups() {
         let mut fds = [0; 2];
         // SAFETY: a valid array of two fds for pipe() to fill.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        assert!(!readable(fds[0]), "an empty pipe");
+        assert_eq!(poll_in(fds[0]), (false, false), "an empty pipe");
         // SAFETY: writing one byte from a valid buffer to the pipe we own.
         assert_eq!(unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) }, 1);
-        assert!(readable(fds[0]), "a pipe with a byte in it");
-        close(fds[0]);
+        assert_eq!(poll_in(fds[0]), (true, false), "a pipe with a byte in it");
         close(fds[1]);
+        assert_eq!(poll_in(fds[0]), (true, true), "a byte, and the writer gone");
+        close(fds[0]);
     }
 }

@@ -5,7 +5,7 @@ use crate::detector::Msg;
 use crate::forksafe::ForkSafeBox;
 use crate::stall::{Scope, StallRecord};
 use crate::suspects::rank;
-use crate::trigger::{enforce_byte_cap, CaptureStatus};
+use crate::trigger::CaptureStatus;
 use alloc_guard::config::{HumanBytes, HumanNanos};
 use alloc_guard::symbolize::{first_user_frame, Frame, Symbolizer};
 use alloc_guard::ReportWriter;
@@ -129,7 +129,7 @@ fn summary(rec: &StallRecord, top: Option<&SuspectJson>, capture: &CaptureJson) 
     }
     match (&capture.dir, capture.status.as_str()) {
         (Some(dir), st) if st == "running" || st == "exited 0" => {
-            s.push_str(&format!("; capture: {dir}/offcpu.svg"))
+            s.push_str(&format!("; capture: {dir}"))
         }
         (_, "not configured") => {}
         (_, st) => s.push_str(&format!("; capture {st}")),
@@ -137,11 +137,25 @@ fn summary(rec: &StallRecord, top: Option<&SuspectJson>, capture: &CaptureJson) 
     s
 }
 
+/// What the report thread knows about the capture helper.
+pub(crate) struct HelperInfo {
+    /// The helper's path, for the report.
+    pub helper: String,
+    /// `FREEZETRAP_OUT`, opened: the byte cap works through it.
+    pub out: Arc<alloc_guard::dirs::Dir>,
+    /// `FREEZETRAP_CAPTURE_MAX_BYTES`.
+    pub max_bytes: u64,
+    /// What a new launcher is started from.
+    pub spec: Arc<crate::launcher::LaunchSpec>,
+    /// Where a new launcher goes (the watchdog thread installs it).
+    pub launchers: Sender<crate::launcher::Launcher>,
+}
+
 pub(crate) fn run(
     rx: Receiver<Msg>,
     pool: Sender<ForkSafeBox<StallRecord>>,
     writer: Arc<ReportWriter>,
-    helper: Option<(String, std::path::PathBuf, u64)>,
+    helper: Option<HelperInfo>,
 ) {
     alloc_guard::mark_current_thread_internal();
     let mut sym = Symbolizer::new();
@@ -169,7 +183,7 @@ pub(crate) fn run(
                     })
                     .collect();
                 let capture = CaptureJson {
-                    helper: helper.as_ref().map(|h| h.0.clone()),
+                    helper: helper.as_ref().map(|h| h.helper.clone()),
                     dir: (!rec.capture_dir.is_empty()).then(|| rec.capture_dir.clone()),
                     status: rec.capture.describe(),
                     spawned_ns: (rec.capture_spawned_ns != 0).then_some(rec.capture_spawned_ns),
@@ -210,13 +224,25 @@ pub(crate) fn run(
                     eprintln!("freezetrap: capture for stall {stall_id} done: {dir}");
                 }
                 writer.write_json(&serde_json::json!({"event": "capture", "stall_id": stall_id, "dir": dir, "status": st, "spawned_ns": (spawned_ns != 0).then_some(spawned_ns)}));
-                if let Some((_, out_dir, max)) = &helper {
-                    if let Err(e) = enforce_byte_cap(out_dir, *max) {
+                if let Some(h) = &helper {
+                    if let Err(e) = h.out.enforce_byte_cap("stall-", h.max_bytes, None) {
                         eprintln!(
                             "freezetrap: cannot enforce FREEZETRAP_CAPTURE_MAX_BYTES in {} ({e})",
-                            out_dir.display()
+                            h.out.path().display()
                         );
                     }
+                }
+            }
+            Msg::RestartLauncher => {
+                let Some(h) = &helper else { continue };
+                match crate::trigger::restart_launcher(&h.spec) {
+                    Ok(l) => {
+                        eprintln!("freezetrap: the capture launcher process had died: started a new one");
+                        let _ = h.launchers.try_send(l);
+                    }
+                    Err(e) => eprintln!(
+                        "freezetrap: the capture launcher process had died and a new one cannot be started ({e}): retrying in a minute"
+                    ),
                 }
             }
             Msg::Dropped { stall_id } => {

@@ -58,18 +58,21 @@ impl StallRecord {
     /// A blank record in fork-proof memory (see [`crate::forksafe`]): the watchdog writes into
     /// it during a stall, possibly while another thread forks. Create before any stall.
     pub fn new_fork_safe() -> std::io::Result<ForkSafeBox<StallRecord>> {
-        ForkSafeBox::new_with(|p: *mut StallRecord| {
+        let init = |p: *mut StallRecord| {
             use core::ptr::addr_of_mut;
             // SAFETY: `p` points at zeroed, writable memory big enough for a StallRecord. All
-            // integer and array fields are valid as zeroes (RawEvent's kind 0 is `Alloc`); the
-            // fields whose zero pattern is not a valid value are written here.
+            // integer and array fields are valid as zeroes (RawEvent's kind 0 is `Alloc`,
+            // ProcSnapshot is integers and byte arrays); the fields whose zero pattern is not a
+            // valid value are written here, with `write` (nothing invalid is dropped).
             unsafe {
                 addr_of_mut!((*p).scope).write(Scope::Thread);
                 addr_of_mut!((*p).capture).write(CaptureStatus::NotConfigured);
                 addr_of_mut!((*p).capture_dir).write(String::new());
                 (*p).procs.check_access();
             }
-        })
+        };
+        // SAFETY: `init` leaves a valid StallRecord (see above).
+        unsafe { ForkSafeBox::new_with(init) }
     }
 
     /// The name as text.

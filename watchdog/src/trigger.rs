@@ -1,58 +1,44 @@
-//! Starting the capture helper while a stall is still going on: validation, rate limits,
-//! deadlines and reaping. The actual start is the [`crate::launcher`]'s job, a process of its
-//! own, because anything started from the frozen address space waits for its `mmap_lock`.
+//! Starting the capture helper while a stall is still going on: checks at start, rate limits,
+//! capture directory names, and what became of each request. The actual start is the
+//! [`crate::launcher`]'s job, a process of its own, because anything started from the frozen
+//! address space waits for its `mmap_lock`.
 //!
 //! # What this code may not do (during a freeze)
 //! No `fork()`, no allocation, no mapping: [`Trigger::fire`] fills a fixed-size request on the
 //! stack and writes it into a pipe. No shell anywhere: argv goes to the helper as is.
 
 use crate::config::CaptureConfig;
-use crate::launcher::{Launcher, Request, FAILED, MAX_DIR, SPAWNED};
+use crate::launcher::{
+    LaunchSpec, Launcher, Polled, Request, EXITED, FAILED_DIR, FAILED_SPAWN, MAX_NAME,
+    MAX_OUT_PATH, SPAWNED,
+};
+use alloc_guard::config::digits;
+use alloc_guard::dirs::{self, Dir, Owners};
 use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
 
-/// Checks that `path` is safe to run as root-adjacent tooling: absolute, a regular executable
-/// file, not writable by group or others, owned by root or by us.
-pub fn validate_helper(path: &Path) -> Result<(), String> {
-    if !path.is_absolute() {
-        return Err("it is not an absolute path".into());
-    }
-    let md = std::fs::metadata(path).map_err(|e| format!("it cannot be read ({e})"))?;
-    if !md.is_file() {
-        return Err("it is not a regular file".into());
-    }
-    if md.mode() & 0o022 != 0 {
-        return Err(format!(
-            "it is group- or world-writable (mode {:o}): anyone could replace it",
-            md.mode() & 0o7777
-        ));
-    }
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if md.uid() != 0 && md.uid() != euid {
-        return Err(format!(
-            "it is owned by uid {}, neither root nor us (uid {euid})",
-            md.uid()
-        ));
-    }
-    if md.mode() & 0o111 == 0 {
-        return Err("it is not executable".into());
-    }
-    Ok(())
+/// Checks the helper as something a process that may be root runs: an absolute path to a
+/// regular, executable file owned by root or by this process's user, not writable by group or
+/// others, nor any directory above it. Returns it opened: it is run from that handle.
+pub fn validate_helper(path: &Path) -> Result<dirs::Executable, String> {
+    dirs::open_executable(path, Owners::root_or_me())
 }
 
 /// A fixed-capacity, NUL-terminated string rewritten in place. Inline (not on the heap): the
 /// watchdog owns the trigger on its fork-proof stack and writes this during stalls.
 struct ArgBuf {
-    buf: [u8; MAX_DIR],
+    buf: [u8; MAX_OUT_PATH + 1 + MAX_NAME + 1],
+    len: usize,
 }
 
 impl ArgBuf {
     fn new() -> ArgBuf {
         ArgBuf {
-            buf: [0u8; MAX_DIR],
+            buf: [0u8; MAX_OUT_PATH + 1 + MAX_NAME + 1],
+            len: 0,
         }
     }
     fn set(&mut self, parts: &[&[u8]]) -> bool {
@@ -65,23 +51,12 @@ impl ArgBuf {
             len += p.len();
         }
         self.buf[len] = 0;
+        self.len = len;
         true
     }
-}
-
-/// Decimal digits of `v` in a stack buffer.
-pub(crate) fn digits(v: u64, out: &mut [u8; 20]) -> &[u8] {
-    let mut i = out.len();
-    let mut v = v;
-    loop {
-        i -= 1;
-        out[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
-    &out[i..]
 }
 
 /// What became of a capture request.
@@ -95,7 +70,7 @@ pub enum CaptureStatus {
     Exited(i32),
     /// Killed by this signal (not by us).
     Signaled(i32),
-    /// Outlived its deadline; we killed it.
+    /// Outlived its deadline; the launcher stopped it.
     KilledAtDeadline,
     /// Not started: another capture was running.
     SkippedBusy,
@@ -105,8 +80,10 @@ pub enum CaptureStatus {
     SkippedHourlyCap,
     /// The capture directory could not be created (errno).
     DirFailed(i32),
-    /// posix_spawn failed (errno).
+    /// The helper could not be started (errno).
     SpawnFailed(i32),
+    /// The launcher process had died (a new one is started after the stall).
+    LauncherDied,
 }
 
 impl CaptureStatus {
@@ -132,7 +109,23 @@ impl CaptureStatus {
                 "failed: cannot start the helper: {}",
                 std::io::Error::from_raw_os_error(*e)
             ),
+            CaptureStatus::LauncherDied => {
+                "failed: the capture launcher process had died; a new one is started after this stall".into()
+            }
         }
+    }
+
+    /// Whether a capture directory exists for this status (the helper was asked to start and
+    /// the directory was made).
+    pub fn has_dir(&self) -> bool {
+        matches!(
+            self,
+            CaptureStatus::Running
+                | CaptureStatus::Exited(_)
+                | CaptureStatus::Signaled(_)
+                | CaptureStatus::KilledAtDeadline
+                | CaptureStatus::SpawnFailed(_)
+        )
     }
 }
 
@@ -142,12 +135,10 @@ pub const MAX_PER_HOUR: usize = 1000;
 /// A helper run in progress.
 #[derive(Debug, Clone, Copy)]
 pub struct Running {
-    /// The helper's pid.
+    /// The helper's pid (0 until the launcher says it started).
     pub pid: libc::pid_t,
     /// The stall that started it.
     pub stall_id: u64,
-    /// When it must be gone (monotonic ns).
-    pub deadline_ns: u64,
     /// When the launcher saw it exec (monotonic ns; 0 until then).
     pub spawned_ns: u64,
 }
@@ -155,15 +146,18 @@ pub struct Running {
 /// The prepared trigger. Built once at watchdog start; used on the watchdog thread only.
 pub struct Trigger {
     cfg: CaptureConfig,
-    launcher: Launcher,
-    out_prefix: Vec<u8>,
+    launcher: Option<Launcher>,
+    spec: Arc<LaunchSpec>,
+    out: Arc<Dir>,
+    /// Random at start: capture directory names never repeat across restarts, even when the
+    /// stall ids (restarting at 1) and the pid (a container's) do.
+    nonce: u64,
     dir: ArgBuf,
     /// Start times within the last hour (inline ring, see `fire`).
     starts: [u64; MAX_PER_HOUR],
     starts_len: usize,
     last_start_ns: Option<u64>,
     running: Option<Running>,
-    killed: bool,
 }
 
 /// What [`Trigger::poll`] saw happen.
@@ -185,40 +179,88 @@ pub enum TriggerEvent {
         /// When it had exec'd (`CLOCK_MONOTONIC` ns, 0 if it never did).
         spawned_ns: u64,
     },
+    /// The launcher process died; no capture was running.
+    LauncherDied,
+}
+
+/// A random 64-bit number from the kernel (or, failing that, the clock and the pid).
+fn random_u64() -> u64 {
+    let mut v = 0u64;
+    // SAFETY: getrandom writes at most 8 bytes into `v`.
+    let n = unsafe { libc::getrandom((&mut v as *mut u64).cast(), 8, libc::GRND_NONBLOCK) };
+    if n == 8 {
+        v
+    } else {
+        alloc_guard::sys::monotonic_ns() ^ (u64::from(std::process::id()) << 32)
+    }
+}
+
+/// A 64-bit mix (splitmix64's finaliser): distinct ids give unrelated suffixes.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Trigger {
-    /// Validates the helper, creates the output directory and forks the launcher.
-    /// Errors are one-line reasons.
+    /// Opens and checks the helper and the output directory, and forks the launcher. Errors
+    /// are one-line reasons.
     pub fn new(cfg: CaptureConfig) -> Result<Trigger, String> {
-        validate_helper(&cfg.helper)?;
-        alloc_guard::create_private_dir(&cfg.out_dir).map_err(|e| {
+        let helper = validate_helper(&cfg.helper)?;
+        let out = Dir::open_private(&cfg.out_dir).map_err(|why| {
             format!(
-                "the output directory {} cannot be created ({e})",
+                "the output directory {} is refused: {why}",
                 cfg.out_dir.display()
             )
         })?;
-        let helper = CString::new(cfg.helper.as_os_str().as_bytes())
-            .map_err(|_| "it contains a NUL byte".to_string())?;
-        let mut out_prefix = cfg.out_dir.as_os_str().as_bytes().to_vec();
-        out_prefix.extend_from_slice(b"/stall-");
-        if out_prefix.len() + 48 > MAX_DIR {
+        if dirs::euid() == 0 {
+            // The helper runs as root: freezetrap-capture then refuses an --out with a
+            // directory above it that another user could change. Say so now, once, rather
+            // than in every capture's helper.log.
+            Dir::open_trusted(out.path(), Owners::ROOT, false).map_err(|why| {
+                format!(
+                    "the capture helper runs as root and would refuse the output directory: {why}"
+                )
+            })?;
+        }
+        let out_path = out.path().as_os_str().as_bytes().to_vec();
+        if out_path.len() > MAX_OUT_PATH {
             return Err(format!(
-                "the output directory path is longer than {} bytes",
-                MAX_DIR - 48
+                "the output directory path is longer than {MAX_OUT_PATH} bytes"
             ));
         }
-        let launcher = Launcher::start(&helper, cfg.duration.as_secs().max(1))
+        let argv0 = CString::new(helper.path.as_os_str().as_bytes())
+            .map_err(|_| "its path contains a NUL byte".to_string())?;
+        let duration_secs = cfg.duration.as_secs().max(1);
+        let out_fd: OwnedFd = out
+            .try_clone()
+            .map_err(|e| format!("the output directory cannot be opened twice ({e})"))?
+            .into_fd();
+        let spec = Arc::new(LaunchSpec {
+            helper: helper.fd,
+            is_script: helper.is_script,
+            argv0,
+            out: out_fd,
+            out_path,
+            duration_secs,
+            deadline_ns: cfg
+                .duration
+                .saturating_add(cfg.grace)
+                .as_nanos()
+                .min(u64::MAX as u128) as u64,
+        });
+        let launcher = Launcher::start(&spec)
             .map_err(|e| format!("the launcher process cannot be started ({e})"))?;
         Ok(Trigger {
-            launcher,
+            launcher: Some(launcher),
+            spec,
+            out: Arc::new(out),
+            nonce: random_u64(),
             dir: ArgBuf::new(),
-            out_prefix,
             starts: [0; MAX_PER_HOUR],
             starts_len: 0,
             last_start_ns: None,
             running: None,
-            killed: false,
             cfg,
         })
     }
@@ -228,19 +270,42 @@ impl Trigger {
         &self.cfg
     }
 
+    /// The output directory, opened and checked.
+    pub fn out(&self) -> &Arc<Dir> {
+        &self.out
+    }
+
+    /// What a new launcher is started from (after one died).
+    pub(crate) fn spec(&self) -> Arc<LaunchSpec> {
+        self.spec.clone()
+    }
+
+    /// Whether a launcher process is there to start helpers.
+    pub fn has_launcher(&self) -> bool {
+        self.launcher.is_some()
+    }
+
+    /// Installs a new launcher (started off the watchdog thread after the old one died).
+    pub(crate) fn install_launcher(&mut self, l: Launcher) {
+        self.launcher = Some(l);
+    }
+
     /// The helper run in progress, if any.
     pub fn running(&self) -> Option<Running> {
         self.running
     }
 
     /// Starts the helper for a stall (watchdog thread, during the stall: no allocation).
-    /// Returns the status and, when started, the capture directory's path bytes.
     pub fn fire(&mut self, stall_id: u64, tid: u64, now_ns: u64) -> CaptureStatus {
+        let Some(launcher) = self.launcher.as_ref() else {
+            return CaptureStatus::LauncherDied;
+        };
         if self.running.is_some() {
             return CaptureStatus::SkippedBusy;
         }
         if let Some(last) = self.last_start_ns {
-            if now_ns.saturating_sub(last) < self.cfg.cooldown.as_nanos() as u64 {
+            let cooldown = self.cfg.cooldown.as_nanos().min(u64::MAX as u128) as u64;
+            if now_ns.saturating_sub(last) < cooldown {
                 return CaptureStatus::SkippedCooldown;
             }
         }
@@ -257,27 +322,40 @@ impl Trigger {
         if self.starts_len >= (self.cfg.max_per_hour as usize).min(MAX_PER_HOUR) {
             return CaptureStatus::SkippedHourlyCap;
         }
-        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
         // SAFETY: getpid cannot fail.
         let pid = unsafe { libc::getpid() } as u64;
-        if !self.dir.set(&[
-            &self.out_prefix,
+        // stall-<id>-<pid>-<16 hex digits>: unique across restarts and pid namespaces.
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        let mut hex = [0u8; 16];
+        let suffix = mix(self.nonce ^ stall_id);
+        for (i, h) in hex.iter_mut().enumerate() {
+            *h = b"0123456789abcdef"[((suffix >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        let mut name = [0u8; MAX_NAME];
+        let parts: [&[u8]; 6] = [
+            b"stall-",
             digits(stall_id, &mut a),
             b"-",
             digits(pid, &mut b),
-        ]) {
+            b"-",
+            &hex,
+        ];
+        let mut nlen = 0;
+        for p in parts {
+            name[nlen..nlen + p.len()].copy_from_slice(p);
+            nlen += p.len();
+        }
+        if !self.dir.set(&[&self.spec.out_path, b"/", &name[..nlen]]) {
             return CaptureStatus::DirFailed(libc::ENAMETOOLONG);
         }
-        let dir_len = self.dir.buf.iter().position(|&c| c == 0).unwrap_or(0);
-        let mut req = Request {
+        let req = Request {
             stall_id,
             tid,
             pid,
-            dir_len: dir_len as u64,
-            dir: [0; MAX_DIR],
+            name_len: nlen as u64,
+            name,
         };
-        req.dir[..dir_len].copy_from_slice(&self.dir.buf[..dir_len]);
-        if let Err(e) = self.launcher.request(&req) {
+        if let Err(e) = launcher.request(&req) {
             return CaptureStatus::SpawnFailed(e);
         }
         self.last_start_ns = Some(now_ns);
@@ -285,89 +363,85 @@ impl Trigger {
             self.starts[self.starts_len] = now_ns;
             self.starts_len += 1;
         }
-        let grace = self.cfg.grace.as_nanos() as u64;
         self.running = Some(Running {
             pid: 0,
             stall_id,
-            deadline_ns: now_ns + self.cfg.duration.as_nanos() as u64 + grace,
             spawned_ns: 0,
         });
-        self.killed = false;
         CaptureStatus::Running
     }
 
     /// The capture directory of the last start, as a path string (allocates; after the stall).
     pub fn last_dir(&self) -> String {
-        let end = self.dir.buf.iter().position(|&c| c == 0).unwrap_or(0);
-        String::from_utf8_lossy(&self.dir.buf[..end]).into_owned()
+        String::from_utf8_lossy(self.dir.bytes()).into_owned()
     }
 
-    /// Reads the launcher's answers and kills a helper past its deadline. Call every tick;
-    /// never blocks, never allocates.
-    pub fn poll(&mut self, now_ns: u64) -> Option<TriggerEvent> {
-        let run = self.running.as_mut()?;
-        if let Some(r) = self.launcher.poll() {
-            match r.kind {
-                SPAWNED => {
+    /// Reads the launcher's answers. Call every tick; never blocks, never allocates.
+    pub fn poll(&mut self) -> Option<TriggerEvent> {
+        let polled = self.launcher.as_ref()?.poll();
+        let r = match polled {
+            Polled::Nothing => return None,
+            Polled::Died => {
+                self.launcher = None;
+                return Some(match self.running.take() {
+                    Some(run) => TriggerEvent::Finished {
+                        stall_id: run.stall_id,
+                        status: CaptureStatus::LauncherDied,
+                        spawned_ns: run.spawned_ns,
+                    },
+                    None => TriggerEvent::LauncherDied,
+                });
+            }
+            Polled::Answer(r) => r,
+        };
+        let spawned_ns = self.running.map_or(0, |r| r.spawned_ns);
+        let finished = |status| {
+            Some(TriggerEvent::Finished {
+                stall_id: r.stall_id,
+                status,
+                spawned_ns,
+            })
+        };
+        match r.kind {
+            SPAWNED => {
+                if let Some(run) = self.running.as_mut() {
                     run.pid = r.pid as libc::pid_t;
                     run.spawned_ns = r.mono_ns;
-                    return Some(TriggerEvent::Spawned {
-                        stall_id: r.stall_id,
-                        mono_ns: r.mono_ns,
-                    });
                 }
-                FAILED => {
-                    self.running = None;
-                    return Some(TriggerEvent::Finished {
-                        stall_id: r.stall_id,
-                        status: CaptureStatus::SpawnFailed(r.value),
-                        spawned_ns: 0,
-                    });
-                }
-                _ => {
-                    let spawned_ns = run.spawned_ns;
-                    self.running = None;
-                    let st = r.value;
-                    let status = if self.killed {
-                        CaptureStatus::KilledAtDeadline
-                    } else if libc::WIFEXITED(st) {
-                        CaptureStatus::Exited(libc::WEXITSTATUS(st))
-                    } else {
-                        CaptureStatus::Signaled(libc::WTERMSIG(st))
-                    };
-                    return Some(TriggerEvent::Finished {
-                        stall_id: r.stall_id,
-                        status,
-                        spawned_ns,
-                    });
-                }
+                Some(TriggerEvent::Spawned {
+                    stall_id: r.stall_id,
+                    mono_ns: r.mono_ns,
+                })
             }
-        }
-        if now_ns >= run.deadline_ns && run.pid > 0 && !self.killed {
-            // The launcher reaps it and reports EXITED; we remember why it died.
-            // SAFETY: signalling the helper, our grandchild, by pid.
-            unsafe { libc::kill(run.pid, libc::SIGKILL) };
-            self.killed = true;
-        }
-        None
-    }
-}
-
-impl Drop for Trigger {
-    fn drop(&mut self) {
-        if let Some(run) = self.running.take() {
-            if run.pid > 0 {
-                // SAFETY: stopping the helper; the launcher (dropped next) reaps it.
-                unsafe { libc::kill(run.pid, libc::SIGKILL) };
+            FAILED_DIR => {
+                self.running = None;
+                finished(CaptureStatus::DirFailed(r.value))
             }
+            FAILED_SPAWN if r.value == libc::EBUSY => None, // a duplicate request, refused
+            FAILED_SPAWN => {
+                self.running = None;
+                finished(CaptureStatus::SpawnFailed(r.value))
+            }
+            EXITED => {
+                self.running = None;
+                let st = r.value;
+                finished(if r.killed != 0 {
+                    CaptureStatus::KilledAtDeadline
+                } else if libc::WIFEXITED(st) {
+                    CaptureStatus::Exited(libc::WEXITSTATUS(st))
+                } else {
+                    CaptureStatus::Signaled(libc::WTERMSIG(st))
+                })
+            }
+            _ => None,
         }
     }
 }
 
-/// Deletes the oldest `stall-*` directories under `out_dir` until they total at most
-/// `max_bytes`. Runs on the report thread, after stalls.
-pub fn enforce_byte_cap(out_dir: &Path, max_bytes: u64) -> std::io::Result<u64> {
-    probes::capture::output::enforce_byte_cap(out_dir, "stall-", max_bytes, None)
+/// Starts a new launcher from `spec` (the report thread does this after the old one died,
+/// outside any stall: it forks the service).
+pub(crate) fn restart_launcher(spec: &LaunchSpec) -> std::io::Result<Launcher> {
+    Launcher::start(spec)
 }
 
 #[cfg(test)]
@@ -380,12 +454,18 @@ mod tests {
             validate_helper(Path::new("rel/path")).unwrap_err(),
             "it is not an absolute path"
         );
-        assert!(validate_helper(Path::new("/"))
+        assert!(validate_helper(Path::new("/usr"))
             .unwrap_err()
             .contains("not a regular file"));
         assert!(
             validate_helper(Path::new("/bin/sh")).is_ok(),
             "a root-owned 0755 binary is fine"
         );
+    }
+
+    #[test]
+    fn directory_suffixes_differ_per_id_and_per_nonce() {
+        assert_ne!(mix(1), mix(2));
+        assert_ne!(mix(random_u64() ^ 1), mix(random_u64() ^ 1));
     }
 }
