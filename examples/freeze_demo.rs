@@ -137,7 +137,7 @@ fn snapshot(index_len: usize) -> f64 {
 fn main() -> std::process::ExitCode {
     // Run as `freeze_demo --pid ...`, this binary is the capture helper.
     if std::env::args().nth(1).as_deref() == Some("--pid") {
-        return probes::capture::cli::run(std::env::args().skip(1));
+        return freezetrap_capture::cli::run(std::env::args().skip(1));
     }
     run(std::env::args().any(|a| a == "--fixed"))
 }

@@ -11,7 +11,7 @@ mod demo;
 
 fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--pid") {
-        return probes::capture::cli::run(std::env::args().skip(1));
+        return freezetrap_capture::cli::run(std::env::args().skip(1));
     }
     demo::run(true)
 }

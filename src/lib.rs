@@ -25,7 +25,8 @@
 //!   record off-CPU stacks and `mmap_lock` waits with bpftrace. Or, without giving the service
 //!   any privilege, run `freezetrap-capture arm --binary /path/to/service --out DIR` as root
 //!   beside it: the armed recorder keeps the last seconds of the same data and writes them out on
-//!   every `stall_begin` ([`probes::capture::armed`]).
+//!   every `stall_begin` (the `freezetrap-capture` crate; with the `capture` feature it is
+//!   also [`capture`] here).
 //!
 //! Heartbeats mark progress where the service makes it:
 //!
@@ -61,6 +62,11 @@ pub use alloc_guard::{assert_no_large_allocs, GuardedAlloc};
 pub use probes;
 pub use watchdog;
 pub use watchdog::Heartbeat;
+
+/// The capture helper and armed recorder (`freezetrap-capture`) as a library: a service binary
+/// can serve as its own helper with `capture::cli::run` (feature `capture`).
+#[cfg(feature = "capture")]
+pub use freezetrap_capture as capture;
 
 /// What [`init_from_env`] started. Keep it alive for the life of the program: dropping it
 /// reports what is still pending and stops freezetrap's threads.

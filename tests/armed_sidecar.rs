@@ -50,14 +50,14 @@ fn child_service() {
 }
 
 /// The recorder: this test binary running `freezetrap-capture` with the arguments in
-/// FREEZETRAP_TEST_ARGS (any binary can be the helper through `probes::capture::cli::run`).
+/// FREEZETRAP_TEST_ARGS (any binary can be the helper through `freezetrap_capture::cli::run`).
 #[test]
 fn child_recorder() {
     if common::role().as_deref() != Some("recorder") {
         return;
     }
     let args = std::env::var("FREEZETRAP_TEST_ARGS").unwrap();
-    let code = freezetrap::probes::capture::cli::run(args.split('\x1f').map(String::from));
+    let code = freezetrap_capture::cli::run(args.split('\x1f').map(String::from));
     assert_eq!(code, ExitCode::SUCCESS, "the recorder failed");
 }
 

@@ -167,7 +167,7 @@ fn eq_ignore_case(a: &[u8], b: &str) -> bool {
 /// case-insensitive. Zero is rejected. Never allocates.
 ///
 /// ```
-/// use alloc_guard::config::parse_size;
+/// use freezetrap_alloc_guard::config::parse_size;
 /// assert_eq!(parse_size(b"64MiB"), Ok(64 << 20));
 /// assert_eq!(parse_size(b"512MB"), Ok(512_000_000));
 /// assert!(parse_size(b"64 parsecs").is_err());
@@ -203,7 +203,7 @@ pub fn parse_size(s: &[u8]) -> Result<usize, ParseError> {
 /// A bare number is rejected: a unit is required because "200" is ambiguous. Zero is rejected.
 ///
 /// ```
-/// use alloc_guard::config::parse_duration_ns;
+/// use freezetrap_alloc_guard::config::parse_duration_ns;
 /// assert_eq!(parse_duration_ns(b"200ms"), Ok(200_000_000));
 /// assert_eq!(parse_duration_ns(b"1.5s"), Ok(1_500_000_000));
 /// assert!(parse_duration_ns(b"200").is_err());

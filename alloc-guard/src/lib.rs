@@ -11,8 +11,8 @@
 //! # Set up
 //! ```
 //! #[global_allocator]
-//! static GLOBAL: alloc_guard::GuardedAlloc<std::alloc::System> =
-//!     alloc_guard::GuardedAlloc::new(std::alloc::System);
+//! static GLOBAL: freezetrap_alloc_guard::GuardedAlloc<std::alloc::System> =
+//!     freezetrap_alloc_guard::GuardedAlloc::new(std::alloc::System);
 //! # fn main() {}
 //! ```
 //! Any `GlobalAlloc` works as the inner allocator; `tikv_jemallocator::Jemalloc` is the intended
@@ -34,9 +34,9 @@
 //! [`assert_no_large_allocs`] fails a test when the code under test allocates too much at once:
 //! ```should_panic
 //! # #[global_allocator]
-//! # static A: alloc_guard::GuardedAlloc<std::alloc::System> =
-//! #     alloc_guard::GuardedAlloc::new(std::alloc::System);
-//! let table = alloc_guard::assert_no_large_allocs(256 << 20, || {
+//! # static A: freezetrap_alloc_guard::GuardedAlloc<std::alloc::System> =
+//! #     freezetrap_alloc_guard::GuardedAlloc::new(std::alloc::System);
+//! let table = freezetrap_alloc_guard::assert_no_large_allocs(256 << 20, || {
 //!     let mut m = std::collections::HashMap::<u64, u64>::new();
 //!     m.reserve(20_000_000); // a ~300 MiB table: panics, naming this line
 //!     m

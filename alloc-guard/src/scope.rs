@@ -132,9 +132,9 @@ impl Drop for ActiveGuard<'_> {
 ///
 /// ```should_panic
 /// # #[global_allocator]
-/// # static A: alloc_guard::GuardedAlloc<std::alloc::System> =
-/// #     alloc_guard::GuardedAlloc::new(std::alloc::System);
-/// alloc_guard::assert_no_large_allocs(1 << 20, || {
+/// # static A: freezetrap_alloc_guard::GuardedAlloc<std::alloc::System> =
+/// #     freezetrap_alloc_guard::GuardedAlloc::new(std::alloc::System);
+/// freezetrap_alloc_guard::assert_no_large_allocs(1 << 20, || {
 ///     let v: Vec<u8> = Vec::with_capacity(4 << 20); // 4 MiB >= 1 MiB: panics
 ///     v.capacity()
 /// });

@@ -51,6 +51,8 @@ pub fn short_path(path: &str) -> &str {
 const ALLOCATOR_PREFIXES: &[&str] = &[
     "backtrace::",
     "_Unwind_",
+    "freezetrap_alloc_guard::",
+    "<freezetrap_alloc_guard::",
     "alloc_guard::",
     "<alloc_guard::",
     "freezetrap::GuardedAlloc",

@@ -25,9 +25,6 @@
 
 usdt::dtrace_provider!("freezetrap.d");
 
-pub mod capture;
-pub mod stapsdt;
-
 /// The provider name every probe lives under (`usdt:BINARY:freezetrap:PROBE`).
 pub const PROVIDER: &str = "freezetrap";
 

@@ -44,7 +44,7 @@ pub(crate) static SLOTS: [Slot; MAX_HEARTBEATS] = [const {
 /// A registered heartbeat. Create it on the thread it watches; beat it from there.
 ///
 /// ```
-/// let hb = watchdog::Heartbeat::new("event-loop");
+/// let hb = freezetrap_watchdog::Heartbeat::new("event-loop");
 /// for _request in 0..3 {
 ///     hb.beat(); // one relaxed store
 ///     // ... handle the request ...
@@ -149,7 +149,7 @@ pub(crate) fn slot_name(slot: &Slot) -> [u8; 32] {
 ///
 /// ```
 /// let mut n = 0;
-/// watchdog::heartbeat::beat_loop("worker", || { n += 1; n < 10 });
+/// freezetrap_watchdog::heartbeat::beat_loop("worker", || { n += 1; n < 10 });
 /// assert_eq!(n, 10);
 /// ```
 pub fn beat_loop(name: &str, mut f: impl FnMut() -> bool) {

@@ -19,9 +19,9 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! let cfg = watchdog::WatchdogConfig::new(Duration::from_millis(200));
-//! let wd = watchdog::Watchdog::start(cfg, std::sync::Arc::new(alloc_guard::ReportWriter::off())).unwrap();
-//! let hb = watchdog::Heartbeat::new("event-loop");
+//! let cfg = freezetrap_watchdog::WatchdogConfig::new(Duration::from_millis(200));
+//! let wd = freezetrap_watchdog::Watchdog::start(cfg, std::sync::Arc::new(alloc_guard::ReportWriter::off())).unwrap();
+//! let hb = freezetrap_watchdog::Heartbeat::new("event-loop");
 //! loop {
 //!     hb.beat();
 //!     // ... one turn of the loop ...

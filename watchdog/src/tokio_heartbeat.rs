@@ -6,7 +6,7 @@
 //!
 //! ```
 //! # let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-//! let guard = watchdog::tokio::spawn_heartbeat(rt.handle(), "tokio-runtime", std::time::Duration::from_millis(10));
+//! let guard = freezetrap_watchdog::tokio::spawn_heartbeat(rt.handle(), "tokio-runtime", std::time::Duration::from_millis(10));
 //! // ... run the service on `rt` ...
 //! drop(guard); // stops the beating task and unregisters the heartbeat
 //! ```

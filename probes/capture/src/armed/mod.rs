@@ -45,7 +45,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The recorder's program, embedded at build time (also at `probes/bpftrace/armed.bt`).
-pub const ARMED_BT: &str = include_str!("../../../bpftrace/armed.bt");
+pub const ARMED_BT: &str = include_str!("../../bpftrace/armed.bt");
 
 /// Bucket length: the window's time resolution, and how often bpftrace prints.
 const BUCKET_MS: u64 = 250;

@@ -84,8 +84,8 @@ mod tests {
     #[test]
     fn this_test_binary_carries_the_probes_it_fires() {
         // Referenced here so the linker keeps the probe sites.
-        crate::stall_begin(0, 0, 0);
-        crate::large_alloc(0, 0, 0, 0, 0);
+        probes::stall_begin(0, 0, 0);
+        probes::large_alloc(0, 0, 0, 0, 0);
         let found = probes_in(&std::env::current_exe().unwrap()).unwrap();
         for name in ["stall_begin", "large_alloc"] {
             assert!(

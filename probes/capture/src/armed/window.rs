@@ -7,7 +7,7 @@
 //! `to + SETTLE` has been seen, and data that still arrives for a bucket older than anything kept
 //! is counted as late, not silently dropped.
 
-use super::super::Maps;
+use crate::Maps;
 use serde::Serialize;
 use std::collections::BTreeMap;
 

@@ -2,8 +2,8 @@
 //! with `summary.json` extended by the window, and the byte cap over all of them.
 
 use super::{Ready, StallSeen, TimelineRow, BUCKET_MS};
-use crate::capture::output::write_capture;
-use crate::capture::{human, summarize, Summary};
+use crate::output::write_capture;
+use crate::{human, summarize, Summary};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -107,7 +107,7 @@ fn fresh_dir(out: &Path, name: &str) -> Option<PathBuf> {
 
 /// The shared byte cap over this recorder's `armed-*` directories, with a line per deletion.
 pub(super) fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: Option<&Path>) {
-    match crate::capture::output::enforce_byte_cap(out, "armed-", max_bytes, newest) {
+    match crate::output::enforce_byte_cap(out, "armed-", max_bytes, newest) {
         Ok(0) => {}
         Ok(bytes) => eprintln!(
             "freezetrap-capture: removed {bytes} bytes of the oldest captures to stay under {max_bytes}"

@@ -1,4 +1,4 @@
-//! The capture side: what runs outside the frozen process.
+//! `freezetrap-capture`: what runs outside the frozen process.
 //!
 //! Two ways to run it, one output format (`offcpu.folded`, `oncpu.folded`, `offcpu.svg`,
 //! `summary.json`, see [`output`]):
@@ -10,12 +10,17 @@
 //! This module turns bpftrace's JSON map dumps into folded stacks and the summary: pure
 //! functions, tested without bpftrace, a kernel or root.
 
+#![deny(missing_docs)]
+#![warn(unsafe_op_in_unsafe_fn)]
+
 use serde::Serialize;
 
 pub mod armed;
 pub mod cli;
 pub mod output;
 pub mod preflight;
+pub mod stapsdt;
+pub mod symbols;
 use std::collections::BTreeMap;
 
 /// A `Command` for bpftrace with what both modes need: map and string caps (bounded memory in
@@ -122,7 +127,7 @@ pub(crate) fn for_each_line(reader: impl std::io::Read, mut each: impl FnMut(Str
 }
 
 /// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).
-pub const CAPTURE_BT: &str = include_str!("../../bpftrace/capture.bt");
+pub const CAPTURE_BT: &str = include_str!("../bpftrace/capture.bt");
 
 /// The maps bpftrace printed, by name (`@off` ...), each a map from its key text to a value.
 pub type Maps = BTreeMap<String, BTreeMap<String, u64>>;

@@ -1,7 +1,7 @@
 //! The recorder's bpftrace program for one target binary.
 
 use super::ARMED_BT;
-use crate::capture::preflight::{self, Refusal};
+use crate::preflight::{self, Refusal};
 use std::path::Path;
 
 /// `armed.bt` for the binary `exe`: refused without `stall_begin` (nothing would ever trigger a
@@ -17,7 +17,7 @@ pub(super) fn for_binary(exe: &Path) -> Result<String, Refusal> {
     let has = |name: &str| {
         probes
             .iter()
-            .any(|(p, n)| p == crate::PROVIDER && n == name)
+            .any(|(p, n)| p == probes::PROVIDER && n == name)
     };
     if !has("stall_begin") {
         return Err(Refusal::new(
@@ -45,7 +45,7 @@ mod tests {
     fn a_binary_without_stall_end_gets_a_program_without_it() {
         // This unit-test binary fires stall_begin (below, so the linker keeps the site) but
         // never stall_end.
-        crate::stall_begin(0, 0, 0);
+        probes::stall_begin(0, 0, 0);
         let program = for_binary(&std::env::current_exe().unwrap()).unwrap();
         assert!(program.contains("usdt:$2:freezetrap:stall_begin"));
         assert!(!program.contains("freezetrap:stall_end"), "{program}");
