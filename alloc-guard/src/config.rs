@@ -95,7 +95,7 @@ impl fmt::Display for ParseError {
 pub const SIZE_FORM: &str =
     "bytes or a number with a unit B/KiB/MiB/GiB/TiB (1024^n) or KB/MB/GB/TB (1000^n), e.g. 64MiB";
 /// The form a duration must take, for messages.
-pub const DURATION_FORM: &str = "a number with a unit ns/us/ms/s/m, e.g. 200ms or 2s";
+pub const DURATION_FORM: &str = "a number with a unit ns/us/ms/s/m/h, e.g. 200ms or 2s";
 
 fn trim(mut s: &[u8]) -> &[u8] {
     while let [first, rest @ ..] = s {
@@ -217,6 +217,7 @@ pub fn parse_duration_ns(s: &[u8]) -> Result<u64, ParseError> {
         u if eq_ignore_case(u, "ms") => 1_000_000,
         u if eq_ignore_case(u, "s") || eq_ignore_case(u, "sec") => 1_000_000_000,
         u if eq_ignore_case(u, "m") || eq_ignore_case(u, "min") => 60_000_000_000,
+        u if eq_ignore_case(u, "h") => 3_600_000_000_000,
         u if u[0].is_ascii_alphabetic() => return Err(ParseError::UnknownUnit),
         _ => return Err(ParseError::Malformed),
     };
@@ -460,6 +461,7 @@ mod tests {
         assert_eq!(parse_duration_ns(b"500us"), Ok(500_000));
         assert_eq!(parse_duration_ns(b"1.25s"), Ok(1_250_000_000));
         assert_eq!(parse_duration_ns(b"1m"), Ok(60_000_000_000));
+        assert_eq!(parse_duration_ns(b"1h"), Ok(3_600_000_000_000));
         assert_eq!(parse_duration_ns(b"200"), Err(ParseError::Malformed));
         assert_eq!(
             parse_duration_ns(b"2 fortnights"),

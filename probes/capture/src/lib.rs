@@ -23,23 +23,41 @@ pub mod stapsdt;
 pub mod symbols;
 use std::collections::BTreeMap;
 
-/// A `Command` for bpftrace with what both modes need: map and string caps (bounded memory in
-/// the kernel and in the output), cached user symbols (one target, one executable per bpftrace;
-/// uncached, bpftrace re-reads the ELF and /proc/PID/maps for every frame it prints), and
-/// SIGTERM when this process dies, so a killed helper or recorder never leaves bpftrace
-/// attached behind it.
-pub(crate) fn bpftrace_command(bpftrace: &std::path::Path) -> std::process::Command {
+/// The `PATH` bpftrace (and anything it starts) gets: nothing from our own environment.
+pub(crate) const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A `Command` that runs `program` with bpftrace, with what both modes need:
+/// - the program passed inline (`-e`), never written to and read back from a path another user
+///   could touch; `args` follow as its positional parameters;
+/// - a clean environment: a fixed `PATH` and bpftrace's own settings only (map and string caps,
+///   for bounded memory in the kernel and in the output; cached user symbols: one target, one
+///   executable per bpftrace, where uncached bpftrace re-reads the ELF and /proc/PID/maps for
+///   every frame it prints);
+/// - no inherited descriptor beyond 0-2;
+/// - SIGTERM when this process dies, so a killed helper or recorder never leaves bpftrace
+///   attached behind it.
+///
+/// `bpftrace` must be the path [`preflight::bpftrace`] checked.
+pub(crate) fn bpftrace_command<A: AsRef<std::ffi::OsStr>>(
+    bpftrace: &std::path::Path,
+    program: &str,
+    args: impl IntoIterator<Item = A>,
+) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(bpftrace);
-    cmd.env("BPFTRACE_MAX_STRLEN", "64")
+    cmd.env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("BPFTRACE_MAX_STRLEN", "64")
         .env("BPFTRACE_MAP_KEYS_MAX", "8192")
-        .env("BPFTRACE_CACHE_USER_SYMBOLS", "1");
+        .env("BPFTRACE_CACHE_USER_SYMBOLS", "1")
+        .args(["-f", "json", "-e", program])
+        .args(args);
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs in the forked child before exec and only makes two
-    // async-signal-safe calls (prctl, getppid); it allocates nothing. (A pre_exec makes std
-    // fork instead of posix_spawn: fine here, the helper and the recorder are small processes
-    // that are never the frozen one.)
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid, close_range); it allocates nothing. (A
+    // pre_exec makes std fork instead of posix_spawn: fine here, the helper and the recorder
+    // are small processes that are never the frozen one.)
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
@@ -47,10 +65,35 @@ pub(crate) fn bpftrace_command(bpftrace: &std::path::Path) -> std::process::Comm
             if libc::getppid() != parent {
                 return Err(std::io::Error::other("parent exited"));
             }
+            // Every descriptor from 3 up close-on-exec (std's own error pipe already is);
+            // CLOSE_RANGE_CLOEXEC = 4 (Linux 5.11; older kernels: inherited descriptors stay).
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32);
             Ok(())
         });
     }
     cmd
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM ask for an orderly stop (bpftrace interrupted, what it recorded written)
+/// instead of killing the process: [`stop_requested`] says when one came.
+pub(crate) fn install_stop_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
+        // function pointer has the signature `signal` expects.
+        unsafe { libc::signal(sig, on_stop_signal as extern "C" fn(libc::c_int) as usize) };
+    }
+}
+
+/// Whether SIGINT or SIGTERM arrived (see [`install_stop_handlers`]).
+pub(crate) fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Stops bpftrace: SIGINT first (it detaches and prints its maps), SIGKILL if it has not exited
@@ -205,6 +248,50 @@ pub fn user_frames(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Renames the user frames in every key of `maps` with `syms` (see [`symbols`]): each
+/// `ustack(perf)` line `\t<addr> <name>+<off> (<module>)` becomes one line per (inlined) frame
+/// at that address, innermost first, named by our own symbolizer — demangled, and named even
+/// when the target had exited before bpftrace printed. Lines it cannot name are kept as
+/// bpftrace printed them.
+pub fn resymbolize(maps: &mut Maps, syms: &symbols::TargetSymbols) {
+    for entries in maps.values_mut() {
+        let old = std::mem::take(entries);
+        for (key, v) in old {
+            let mut out = String::with_capacity(key.len());
+            for (i, line) in key.split('\n').enumerate() {
+                if i > 0 {
+                    out.push('\n');
+                }
+                let Some(frame) = line.strip_prefix('\t') else {
+                    out.push_str(line);
+                    continue;
+                };
+                let mut parts = frame.splitn(2, ' ');
+                let addr = parts.next().unwrap_or("");
+                let module = parts
+                    .next()
+                    .and_then(|r| r.rsplit_once(" ("))
+                    .map(|(_, m)| m.trim_end_matches(')'))
+                    .unwrap_or("");
+                let named = u64::from_str_radix(addr, 16)
+                    .map(|a| syms.resolve(a))
+                    .unwrap_or_default();
+                if named.is_empty() {
+                    out.push_str(line);
+                    continue;
+                }
+                for (j, f) in named.iter().rev().enumerate() {
+                    if j > 0 {
+                        out.push('\n');
+                    }
+                    out.push_str(&format!("\t{addr} {} ({module})", f.function));
+                }
+            }
+            *entries.entry(out).or_insert(0) += v;
+        }
+    }
+}
+
 /// Splits a `comm, kstack[, ustack]` map key. bpftrace joins key parts with `,`; a stack is
 /// empty or `\n` plus one line per frame, kernel frames indented with spaces and `ustack(perf)`
 /// frames with a tab. A thread name cannot hold a newline, so the first `,\n` ends it.
@@ -283,6 +370,13 @@ pub struct Summary {
     pub mmap_lock: MmapLock,
     /// On-CPU samples recorded.
     pub oncpu_samples: u64,
+    /// The target exited this many seconds into the recording, which then ended early (its
+    /// user frames are named from the files read while it ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_exited_after_s: Option<f64>,
+    /// SIGINT or SIGTERM ended the recording early.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_by_signal: bool,
 }
 
 /// Builds the summary from the maps.
@@ -338,6 +432,8 @@ pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
         idle_us,
         mmap_lock: lock,
         oncpu_samples,
+        target_exited_after_s: None,
+        stopped_by_signal: false,
     }
 }
 
@@ -413,6 +509,9 @@ pub fn human(s: &Summary) -> String {
         )),
         None if s.idle_us > 0 => out.push_str("; every off-CPU stack was an idle sleep or poll"),
         None => {}
+    }
+    if let Some(t) = s.target_exited_after_s {
+        out.push_str(&format!("; the target exited after {t:.1} s"));
     }
     out
 }

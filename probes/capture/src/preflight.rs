@@ -55,16 +55,28 @@ fn find_on_path(prog: &str) -> Option<PathBuf> {
     })
 }
 
-/// The bpftrace to run: `explicit` if given, else the first `bpftrace` on PATH.
+/// The bpftrace to run: `explicit` if given, else the first `bpftrace` on PATH — resolved to its
+/// canonical path once and checked as root runs it: a regular executable owned by root and not
+/// writable by group or others, nor any directory above it. Its path can then only change by
+/// root's hand.
 pub fn bpftrace(explicit: Option<&Path>) -> Result<PathBuf, Refusal> {
-    match explicit
-        .map(Path::to_path_buf)
-        .or_else(|| find_on_path("bpftrace"))
-    {
-        Some(p) if p.is_file() => Ok(p),
-        _ => Err(Refusal::new(
+    let found =
+        match explicit
+            .map(Path::to_path_buf)
+            .or_else(|| find_on_path("bpftrace"))
+        {
+            Some(p) if p.is_file() => p,
+            _ => return Err(Refusal::new(
+                EXIT_NO_BPFTRACE,
+                "bpftrace not found: install it (apt-get install bpftrace) or pass --bpftrace PATH",
+            )),
+        };
+    let found = std::path::absolute(&found).unwrap_or(found);
+    match alloc_guard::dirs::open_executable(&found, alloc_guard::dirs::Owners::ROOT) {
+        Ok(exe) => Ok(exe.path),
+        Err(why) => Err(Refusal::new(
             EXIT_NO_BPFTRACE,
-            "bpftrace not found: install it (apt-get install bpftrace) or pass --bpftrace PATH",
+            format!("bpftrace {} is refused: {why}", found.display()),
         )),
     }
 }
@@ -205,18 +217,20 @@ fn field_offset_in(format: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// Creates `dir` (and parents) and proves it is writable by writing and removing a file.
-pub fn writable_dir(dir: &Path) -> Result<(), Refusal> {
-    let probe = dir.join(".freezetrap-probe");
-    std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::write(&probe, b""))
-        .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| {
+/// Opens the output directory by handle, creating its last component (0700) if missing. Root
+/// writes there, so it must be owned by root and not writable by group or others, and so must
+/// every directory above it (a root-owned sticky directory such as `/tmp` excepted); it must
+/// not be a symbolic link. Everything is then written beneath that handle, exclusively.
+pub fn out_dir(dir: &Path) -> Result<alloc_guard::dirs::Dir, Refusal> {
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    alloc_guard::dirs::Dir::open_trusted(&abs, alloc_guard::dirs::Owners::ROOT, true).map_err(
+        |why| {
             Refusal::new(
                 EXIT_OUT_NOT_WRITABLE,
-                format!("output directory {} is not writable: {e}", dir.display()),
+                format!("output directory {} is refused: {why}", dir.display()),
             )
-        })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -248,6 +262,38 @@ mod tests {
             let found = FieldOffsets::from_tracefs().unwrap();
             eprintln!("{found:?} (defaults {:?})", FieldOffsets::DEFAULT);
         }
+    }
+
+    #[test]
+    fn an_output_directory_another_user_could_change_is_refused() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root (the rule is \"owned by root\")");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("ft-outdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("parent")).unwrap();
+        let c = std::ffi::CString::new(base.join("parent").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+        let r = out_dir(&base.join("parent/out")).unwrap_err();
+        assert_eq!(r.code, EXIT_OUT_NOT_WRITABLE);
+        assert!(
+            r.message.contains("is owned by uid 65534, not root"),
+            "{}",
+            r.message
+        );
+        assert!(!base.join("parent/out").exists(), "nothing created");
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let r = out_dir(&base.join("x")).unwrap_err();
+        assert!(
+            r.message.contains("writable by group or others"),
+            "{}",
+            r.message
+        );
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(out_dir(&base.join("x")).is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

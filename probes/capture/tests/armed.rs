@@ -220,9 +220,8 @@ fn arm_errors_have_their_message_and_exit_code() {
     let (c, e) = arm(&["--out", tmp]);
     assert_eq!(c, 2, "{e}");
     assert!(
-        e.starts_with(
-            "freezetrap-capture: arm needs --pid P or --binary PATH: usage: freezetrap-capture arm"
-        ),
+        e.contains("required arguments were not provided")
+            && e.contains("--pid <PID>|--binary <BINARY>"),
         "{e}"
     );
     let (c, e) = arm(&["--binary", "/nonexistent/service", "--out", tmp]);
@@ -271,7 +270,30 @@ fn arm_errors_have_their_message_and_exit_code() {
         "/bin/true",
     ]);
     assert_eq!(c, 7, "{e}");
-    assert!(e.contains("/proc/1/nope is not writable"), "{e}");
+    assert!(
+        e.contains("output directory /proc/1/nope is refused"),
+        "{e}"
+    );
+    // An --out whose parent another user owns: that user could swap it; nothing is written.
+    let parent = std::path::Path::new(tmp).join("theirs");
+    std::fs::create_dir_all(&parent).unwrap();
+    let c_parent = std::ffi::CString::new(parent.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::chown(c_parent.as_ptr(), 65534, 65534) }, 0);
+    let theirs = parent.join("captures");
+    let (c, e) = arm(&[
+        "--pid",
+        &me,
+        "--out",
+        theirs.to_str().unwrap(),
+        "--bpftrace",
+        "/bin/true",
+    ]);
+    assert_eq!(c, 7, "{e}");
+    assert!(e.contains("is owned by uid 65534, not root"), "{e}");
+    assert!(
+        !theirs.exists(),
+        "nothing created under another user's directory"
+    );
     // A process whose binary has no freezetrap probes: nothing could trigger a capture.
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let (c, e) = arm(&[

@@ -140,8 +140,18 @@ fn each_error_has_its_message_and_exit_code() {
     let (c, e) = run(&["--out", tmp]);
     assert_eq!(c, 2, "{e}");
     assert!(
-        e.starts_with("freezetrap-capture: --pid is required: usage: freezetrap-capture --pid P"),
+        e.contains("required arguments were not provided") && e.contains("--pid <PID>"),
         "{e}"
+    );
+    // --help and --version are answers, not errors.
+    let out = Command::new(EXE).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--duration <DURATION>"));
+    let out = Command::new(EXE).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("freezetrap-capture {}", env!("CARGO_PKG_VERSION"))
     );
 
     let (c, e) = capture(&me, tmp, "/nonexistent/bpftrace");
@@ -177,9 +187,18 @@ fn each_error_has_its_message_and_exit_code() {
     let (c, e) = capture(&me, "/proc/1/nope", "/bin/true");
     assert_eq!(c, 7, "{e}");
     assert!(
-        e.starts_with("freezetrap-capture: output directory /proc/1/nope is not writable: "),
+        e.starts_with("freezetrap-capture: output directory /proc/1/nope is refused: "),
         "{e}"
     );
+    // An --out whose parent another user owns: refused, and nothing is written there.
+    let parent = std::path::Path::new(tmp).join("theirs");
+    std::fs::create_dir_all(&parent).unwrap();
+    let c_parent = std::ffi::CString::new(parent.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::chown(c_parent.as_ptr(), 65534, 65534) }, 0);
+    let (c, e) = capture(&me, parent.join("cap").to_str().unwrap(), "/bin/true");
+    assert_eq!(c, 7, "{e}");
+    assert!(e.contains("is owned by uid 65534, not root"), "{e}");
+    assert!(!parent.join("cap").exists());
 
     // bpftrace that produces nothing (here: /bin/true) is a clear failure, not an empty capture.
     let (c, e) = capture(&me, tmp, "/bin/true");

@@ -4,8 +4,9 @@
 use super::{Ready, StallSeen, TimelineRow, BUCKET_MS};
 use crate::output::write_capture;
 use crate::{human, summarize, Summary};
+use alloc_guard::dirs::Dir;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::ffi::{OsStr, OsString};
 
 /// Recorder-wide counts of data that did not make it into the window.
 pub(super) struct Counts {
@@ -18,14 +19,19 @@ pub(super) struct Counts {
 /// Writes `ready` into a fresh `out/armed-PID-stall-ID` and returns the directory and the line
 /// to print; an error is one line.
 pub(super) fn write(
-    out: &Path,
+    out: &Dir,
     pid: u32,
     ready: &Ready,
     counts: Counts,
-) -> Result<(PathBuf, String), String> {
+) -> Result<(OsString, String), String> {
     let first = &ready.stalls[0];
-    let dir = fresh_dir(out, &format!("armed-{pid}-stall-{}", first.id))
-        .ok_or_else(|| format!("cannot create a capture directory in {}", out.display()))?;
+    let (name, dir) =
+        fresh_dir(out, &format!("armed-{pid}-stall-{}", first.id)).ok_or_else(|| {
+            format!(
+                "cannot create a capture directory in {}",
+                out.path().display()
+            )
+        })?;
     let span_ms = (ready.to_ms - ready.from_ms) as u64;
     let capture = summarize(pid, span_ms.div_ceil(1000), &ready.maps);
     let summary = ArmedSummary {
@@ -50,16 +56,16 @@ pub(super) fn write(
         first.id, -ready.from_ms, ready.to_ms
     );
     write_capture(&dir, &ready.maps, &title, &summary)
-        .map_err(|e| format!("writing {} failed: {e}", dir.display()))?;
+        .map_err(|e| format!("writing {} failed: {e}", dir.path().display()))?;
     let line = format!(
         "{} (stall {}, window {:+.2} s..{:+.2} s; {})",
         summary.line,
         first.id,
         ready.from_ms as f64 / 1000.0,
         ready.to_ms as f64 / 1000.0,
-        dir.display()
+        dir.path().display()
     );
-    Ok((dir, line))
+    Ok((name, line))
 }
 
 /// `summary.json` of an armed capture: the triggered capture's fields plus the window.
@@ -93,28 +99,31 @@ struct WindowInfo {
     lost_stacks: u64,
 }
 
-/// Creates `out/name` (or `out/name-2`, ...) so a capture never overwrites an earlier one.
-fn fresh_dir(out: &Path, name: &str) -> Option<PathBuf> {
+/// Creates `out/name` (or `out/name-2`, ...) exclusively, by handle, so a capture never
+/// overwrites an earlier one nor writes through anything planted there.
+fn fresh_dir(out: &Dir, name: &str) -> Option<(OsString, Dir)> {
     (1..1000).find_map(|n| {
-        let dir = if n == 1 {
-            out.join(name)
+        let candidate = if n == 1 {
+            name.to_string()
         } else {
-            out.join(format!("{name}-{n}"))
+            format!("{name}-{n}")
         };
-        std::fs::create_dir(&dir).ok().map(|_| dir)
+        out.create_dir(&candidate, 0o700)
+            .ok()
+            .map(|d| (OsString::from(candidate), d))
     })
 }
 
-/// The shared byte cap over this recorder's `armed-*` directories, with a line per deletion.
-pub(super) fn enforce_byte_cap(out: &Path, max_bytes: u64, newest: Option<&Path>) {
-    match crate::output::enforce_byte_cap(out, "armed-", max_bytes, newest) {
+/// The byte cap over this recorder's `armed-*` directories, with a line per deletion.
+pub(super) fn enforce_byte_cap(out: &Dir, max_bytes: u64, newest: Option<&OsStr>) {
+    match out.enforce_byte_cap("armed-", max_bytes, newest) {
         Ok(0) => {}
         Ok(bytes) => eprintln!(
             "freezetrap-capture: removed {bytes} bytes of the oldest captures to stay under {max_bytes}"
         ),
         Err(e) => eprintln!(
             "freezetrap-capture: cannot keep the captures in {} under {max_bytes} bytes: {e}",
-            out.display()
+            out.path().display()
         ),
     }
 }
@@ -126,20 +135,20 @@ mod tests {
 
     #[test]
     fn fresh_dirs_never_collide_and_the_byte_cap_keeps_the_newest() {
-        let out = std::env::temp_dir().join(format!("ft-armed-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir_all(&out).unwrap();
-        let a = fresh_dir(&out, "armed-1-stall-1").unwrap();
-        let b = fresh_dir(&out, "armed-1-stall-1").unwrap();
-        assert_ne!(a, b);
-        assert!(b.ends_with("armed-1-stall-1-2"));
-        std::fs::write(a.join("f"), vec![0u8; 1000]).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(b.join("f"), vec![0u8; 1000]).unwrap();
-        enforce_byte_cap(&out, 1500, Some(&b));
-        assert!(!a.exists() && b.exists());
-        enforce_byte_cap(&out, 10, Some(&b));
-        assert!(b.exists(), "the newest capture is kept");
-        std::fs::remove_dir_all(&out).unwrap();
+        let path = std::env::temp_dir().join(format!("ft-armed-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let out = Dir::open_private(&path).unwrap();
+        let (an, a) = fresh_dir(&out, "armed-1-stall-1").unwrap();
+        let (bn, b) = fresh_dir(&out, "armed-1-stall-1").unwrap();
+        assert_ne!(an, bn);
+        assert_eq!(bn, "armed-1-stall-1-2");
+        a.write_file("f", &[0u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(1100)); // distinct modification seconds
+        b.write_file("f", &[0u8; 1000]).unwrap();
+        enforce_byte_cap(&out, 1500, Some(&bn));
+        assert!(!path.join(&an).exists() && path.join(&bn).exists());
+        enforce_byte_cap(&out, 10, Some(&bn));
+        assert!(path.join(&bn).exists(), "the newest capture is kept");
+        std::fs::remove_dir_all(&path).unwrap();
     }
 }

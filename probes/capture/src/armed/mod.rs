@@ -36,11 +36,13 @@ mod window;
 
 pub use window::{parse_line, Event, Ready, StallSeen, TimelineRow, Window};
 
-use super::preflight::{self, Refusal};
+use crate::cli::ArmArgs;
+use crate::preflight::{self, Refusal};
+use crate::symbols::TargetSymbols;
+use alloc_guard::dirs::Dir;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -59,122 +61,76 @@ enum Target {
     Binary(PathBuf),
 }
 
+/// The recorder's settings, from [`ArmArgs`].
 #[derive(Debug)]
 struct Args {
     target: Target,
-    out: PathBuf,
-    window_s: u64,
-    after_s: u64,
+    out: Dir,
+    window: Duration,
+    after: Duration,
     min_block_us: u64,
-    cooldown_s: u64,
+    cooldown: Duration,
     max_captures: Option<u64>,
     max_bytes: u64,
-    run_for: Option<u64>,
+    run_for: Option<Duration>,
     silence_limit: Duration,
     rearm_every: Duration,
-    bpftrace: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window S] [--after S] [--min-block-us U] [--cooldown S] [--max-captures N] [--max-bytes BYTES] [--for S] [--silence-limit S] [--rearm-every S] [--bpftrace PATH]";
+fn ns(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
 
-fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
-    let (mut target, mut out, mut bpftrace) = (None, None, None);
-    let (mut window_s, mut after_s, mut min_block_us, mut cooldown_s) = (5, 5, 1000, 10);
-    let (mut max_captures, mut max_bytes, mut run_for) = (None, 1u64 << 30, None);
-    let (mut silence_limit, mut rearm_every) = (60, 3600);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
-        let mut num = |what: &str| -> Result<u64, String> {
-            let v = val()?;
-            v.parse()
-                .map_err(|_| format!("{a} takes {what}, not {v:?}"))
-        };
-        match a.as_str() {
-            "--pid" => {
-                let v = val()?;
-                let pid = v
-                    .parse::<u32>()
-                    .map_err(|_| format!("--pid takes a process id, not {v:?}"))?;
-                target = Some(Target::Pid(pid));
-            }
-            "--binary" => target = Some(Target::Binary(PathBuf::from(val()?))),
-            "--out" => out = Some(PathBuf::from(val()?)),
-            "--window" => window_s = num("whole seconds")?,
-            "--after" => after_s = num("whole seconds")?,
-            "--min-block-us" => min_block_us = num("microseconds")?,
-            "--cooldown" => cooldown_s = num("whole seconds")?,
-            "--max-captures" => max_captures = Some(num("a count")?),
-            "--max-bytes" => max_bytes = num("bytes")?,
-            "--for" => run_for = Some(num("whole seconds")?),
-            "--silence-limit" => silence_limit = num("whole seconds")?,
-            "--rearm-every" => rearm_every = num("whole seconds")?,
-            "--bpftrace" => bpftrace = Some(PathBuf::from(val()?)),
-            "-h" | "--help" => return Err("usage".into()),
-            other => return Err(format!("unknown argument {other:?}")),
+/// Runs `freezetrap-capture arm` with its parsed arguments.
+pub fn run(a: ArmArgs) -> ExitCode {
+    let target = match (a.pid, &a.binary) {
+        (Some(0), _) => {
+            return Refusal::new(preflight::EXIT_USAGE, "--pid takes a process id, not 0").exit()
         }
-    }
-    let target = target.ok_or("arm needs --pid P or --binary PATH")?;
-    if let Target::Pid(0) = target {
-        return Err("--pid takes a process id".into());
-    }
-    if !(1..=60).contains(&window_s) || after_s > 60 {
-        return Err("--window must be 1..=60 seconds and --after 0..=60".into());
-    }
-    Ok(Args {
-        target,
-        out: out.ok_or("--out is required")?,
-        window_s,
-        after_s,
-        min_block_us,
-        cooldown_s,
-        max_captures,
-        max_bytes,
-        run_for,
-        silence_limit: Duration::from_secs(silence_limit.max(1)),
-        rearm_every: Duration::from_secs(rearm_every.max(1)),
-        bpftrace,
-    })
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, Ordering::Relaxed);
-}
-
-/// Runs `freezetrap-capture arm` with `args` (after the `arm` word).
-pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
-    let args = match parse_args(args) {
-        Ok(a) => a,
-        Err(e) => return Refusal::new(preflight::EXIT_USAGE, format!("{e}: {USAGE}")).exit(),
-    };
-    let pid = match args.target {
-        Target::Pid(p) => Some(p),
-        Target::Binary(ref b) if !b.is_file() => {
+        (Some(p), _) => Target::Pid(p),
+        (None, Some(b)) if !b.is_file() => {
             return Refusal::new(
                 preflight::EXIT_USAGE,
                 format!("--binary {}: no such file", b.display()),
             )
             .exit()
         }
+        (None, Some(b)) => Target::Binary(b.clone()),
+        (None, None) => {
+            return Refusal::new(preflight::EXIT_USAGE, "arm needs --pid P or --binary PATH").exit()
+        }
+    };
+    let pid = match target {
+        Target::Pid(p) => Some(p),
         Target::Binary(_) => None,
     };
-    let bpftrace = match preflight::bpftrace(args.bpftrace.as_deref())
+    let bpftrace = match preflight::bpftrace(a.bpftrace.as_deref())
         .and_then(|b| preflight::system(pid).map(|_| b))
-        .and_then(|b| preflight::writable_dir(&args.out).map(|_| b))
     {
         Ok(b) => b,
         Err(r) => return r.exit(),
     };
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
-        // function pointer has the signature `signal` expects.
-        unsafe { libc::signal(sig, on_stop_signal as extern "C" fn(libc::c_int) as usize) };
-    }
-    let deadline = args
-        .run_for
-        .map(|s| Instant::now() + Duration::from_secs(s));
+    let out = match preflight::out_dir(&a.out) {
+        Ok(d) => d,
+        Err(r) => return r.exit(),
+    };
+    let args = Args {
+        target,
+        out,
+        window: a.window,
+        after: a.after,
+        min_block_us: a
+            .min_block_us
+            .unwrap_or(a.min_block.as_micros().min(u128::from(u64::MAX)) as u64),
+        cooldown: a.cooldown,
+        max_captures: a.max_captures,
+        max_bytes: a.max_bytes,
+        run_for: a.run_for,
+        silence_limit: a.silence_limit.max(Duration::from_secs(1)),
+        rearm_every: a.rearm_every.max(Duration::from_secs(1)),
+    };
+    crate::install_stop_handlers();
+    let deadline = args.run_for.map(|d| Instant::now() + d);
     let mut rec = Recorder {
         args: &args,
         bpftrace,
@@ -235,6 +191,23 @@ struct Session {
     window: Window,
     lost: u64,
     armed: bool,
+    /// The target's user-frame names, from files held open while it runs (taken on a thread:
+    /// reading its maps waits out a freeze).
+    symbols: Option<TargetSymbols>,
+    symbols_rx: Option<mpsc::Receiver<TargetSymbols>>,
+}
+
+impl Session {
+    /// The symbol snapshot, once its thread has delivered it.
+    fn symbols(&mut self) -> Option<&TargetSymbols> {
+        if let Some(rx) = &self.symbols_rx {
+            if let Ok(s) = rx.try_recv() {
+                self.symbols = Some(s);
+                self.symbols_rx = None;
+            }
+        }
+        self.symbols.as_ref()
+    }
 }
 
 /// The `armed.bt` output, line by line, from a reader thread.
@@ -245,7 +218,7 @@ enum Line {
 
 impl Recorder<'_> {
     fn should_stop(&self) -> bool {
-        STOP.load(Ordering::Relaxed)
+        crate::stop_requested()
             || self.deadline.is_some_and(|d| Instant::now() >= d)
             || self
                 .args
@@ -279,20 +252,23 @@ impl Recorder<'_> {
         None
     }
 
-    fn spawn_bpftrace(&self, pid: u32, exe: &Path, script: &Path) -> Result<Child, Refusal> {
+    fn spawn_bpftrace(&self, pid: u32, exe: &Path, program: &str) -> Result<Child, Refusal> {
         // Maps are printed (and user stacks symbolized) four times a second: the symbol
         // cache that bpftrace_command turns on is what keeps that cheap (uncached, one print of
         // 100 stacks took 3.5 s on the demo binary, and blocked while the target's mmap_lock
         // was held).
-        super::bpftrace_command(&self.bpftrace)
-            .arg("-f")
-            .arg("json")
-            .arg(script)
-            .arg(pid.to_string())
-            .arg(exe)
-            .arg(self.args.min_block_us.to_string())
-            .arg(BUCKET_MS.to_string())
-            .args(preflight::FieldOffsets::from_tracefs_or_default().args())
+        let mut args: Vec<std::ffi::OsString> = vec![
+            pid.to_string().into(),
+            exe.as_os_str().to_owned(),
+            self.args.min_block_us.to_string().into(),
+            BUCKET_MS.to_string().into(),
+        ];
+        args.extend(
+            preflight::FieldOffsets::from_tracefs_or_default()
+                .args()
+                .map(Into::into),
+        );
+        crate::bpftrace_command(&self.bpftrace, program, args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -307,17 +283,24 @@ impl Recorder<'_> {
 
     /// Records `pid` until it exits, the recorder is told to stop, or bpftrace fails.
     fn new_session(&self, pid: u32) -> Session {
-        let sec = 1_000_000_000;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(s) = TargetSymbols::snapshot(pid) {
+                let _ = tx.send(s);
+            }
+        });
         Session {
             pid,
             window: Window::new(
                 BUCKET_MS * 1_000_000,
-                self.args.window_s * sec,
-                self.args.after_s * sec,
+                ns(self.args.window),
+                ns(self.args.after),
                 MAX_ENTRIES,
             ),
             lost: 0,
             armed: false,
+            symbols: None,
+            symbols_rx: Some(rx),
         }
     }
 
@@ -340,17 +323,7 @@ impl Recorder<'_> {
         }
         let exe = reachable_exe(pid, exe);
         let program = program::for_binary(&exe)?;
-        let script = self.args.out.join(format!(".armed-{pid}.bt"));
-        std::fs::write(&script, program).map_err(|e| {
-            Refusal::new(
-                preflight::EXIT_OUT_NOT_WRITABLE,
-                format!(
-                    "output directory {} is not writable: {e}",
-                    self.args.out.display()
-                ),
-            )
-        })?;
-        let mut child = self.spawn_bpftrace(pid, &exe, &script)?;
+        let mut child = self.spawn_bpftrace(pid, &exe, &program)?;
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped");
         let reader = std::thread::spawn(move || {
@@ -429,7 +402,6 @@ impl Recorder<'_> {
         super::stop_bpftrace(&mut child, Duration::from_secs(2));
         drop(rx);
         let _ = reader.join();
-        let _ = std::fs::remove_file(&script);
         let (late, dropped) = (state.window.late_entries, state.window.dropped_entries);
         if !matches!(outcome, Ok(Outcome::Rearm)) && late + dropped + state.lost > 0 {
             eprintln!(
@@ -454,13 +426,13 @@ impl Recorder<'_> {
             Event::Armed => {
                 state.armed = true;
                 eprintln!(
-                    "freezetrap-capture: armed on pid {} ({}) in {:.2} s: keeping {} s before a stall and {} s after; captures go to {}",
+                    "freezetrap-capture: armed on pid {} ({}) in {:.2} s: keeping {:?} before a stall and {:?} after; captures go to {}",
                     state.pid,
                     exe.display(),
                     started.elapsed().as_secs_f64(),
-                    self.args.window_s,
-                    self.args.after_s,
-                    self.args.out.display()
+                    self.args.window,
+                    self.args.after,
+                    self.args.out.path().display()
                 );
             }
             Event::StallBegin(stall) => self.stall_begin(&mut state.window, state.pid, stall),
@@ -479,30 +451,30 @@ impl Recorder<'_> {
     fn stall_begin(&mut self, window: &mut Window, pid: u32, stall: StallSeen) {
         let now = monotonic_ns();
         let seen_ms = now.saturating_sub(stall.probe_ns) as f64 / 1e6;
-        let cooldown_ns = self.args.cooldown_s.saturating_mul(1_000_000_000);
+        let cooldown_ns = ns(self.args.cooldown);
         if self.last_capture_end_ns > 0
-            && stall.probe_ns < self.last_capture_end_ns + cooldown_ns
+            && stall.probe_ns < self.last_capture_end_ns.saturating_add(cooldown_ns)
             && stall.probe_ns > self.last_capture_end_ns
         {
             self.skipped += 1;
             eprintln!(
-                "freezetrap-capture: stall {} of pid {pid} not captured: within the {} s cooldown",
-                stall.id, self.args.cooldown_s
+                "freezetrap-capture: stall {} of pid {pid} not captured: within the {:?} cooldown",
+                stall.id, self.args.cooldown
             );
             return;
         }
         let id = stall.id;
         let probe_ns = stall.probe_ns;
         if window.stall_begin(stall) {
-            self.last_capture_end_ns = probe_ns + self.args.after_s * 1_000_000_000;
+            self.last_capture_end_ns = probe_ns.saturating_add(ns(self.args.after));
             eprintln!(
-                "freezetrap-capture: stall {id} began in pid {pid} (seen {seen_ms:.1} ms after the probe); writing {} s before and {} s after it",
-                self.args.window_s, self.args.after_s
+                "freezetrap-capture: stall {id} began in pid {pid} (seen {seen_ms:.1} ms after the probe); writing {:?} before and {:?} after it",
+                self.args.window, self.args.after
             );
         }
     }
 
-    fn write(&mut self, state: &Session, ready: Ready) {
+    fn write(&mut self, state: &mut Session, mut ready: Ready) {
         if self
             .args
             .max_captures
@@ -520,6 +492,18 @@ impl Recorder<'_> {
             lost_events: state.lost,
             lost_stacks: state.window.lost_stacks,
         };
+        // Name the user frames ourselves (demangled, and still named if the target has exited
+        // since): refresh the snapshot first while the target is alive, for libraries it
+        // loaded after we armed.
+        let pid = state.pid;
+        if preflight::pid_alive(pid) {
+            if let Some(syms) = state.symbols.as_mut() {
+                let _ = syms.refresh(pid);
+            }
+        }
+        if let Some(syms) = state.symbols() {
+            crate::resymbolize(&mut ready.maps, syms);
+        }
         let written = disk::write(&self.args.out, state.pid, &ready, counts);
         match written {
             Ok((dir, line)) => {
@@ -565,33 +549,4 @@ fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(list: &[&str]) -> Result<Args, String> {
-        parse_args(list.iter().map(|s| s.to_string()))
-    }
-
-    #[test]
-    fn arguments_have_defaults_and_clear_errors() {
-        let a = args(&["--pid", "42", "--out", "/tmp/x"]).unwrap();
-        assert!(matches!(a.target, Target::Pid(42)));
-        assert_eq!((a.window_s, a.after_s, a.cooldown_s), (5, 5, 10));
-        assert!(args(&["--out", "/tmp/x"])
-            .unwrap_err()
-            .contains("--pid P or --binary PATH"));
-        assert!(args(&["--pid", "x", "--out", "/tmp/x"])
-            .unwrap_err()
-            .contains("--pid takes a process id, not \"x\""));
-        assert!(args(&["--pid", "1", "--out", "/o", "--window", "0"])
-            .unwrap_err()
-            .contains("--window"));
-        assert!(args(&["--pid", "1"]).unwrap_err().contains("--out"));
-        assert!(args(&["--pid", "1", "--out", "/o", "--bogus"])
-            .unwrap_err()
-            .contains("--bogus"));
-    }
 }
