@@ -288,5 +288,5 @@ fn main() {
 }
 
 fn probes_run(args: Vec<String>) -> std::process::ExitCode {
-    freezetrap_capture::cli::run(args.into_iter())
+    freezetrap_capture::cli::run(args)
 }

@@ -134,8 +134,112 @@ fn child_roles() {
             let n = churner.join().unwrap();
             println!("PANIC_OK churned={n}");
         }
+        "fork-from-thread" => {
+            // fork() on a spawned thread: the child's one thread runs on that thread's stack,
+            // while its id equals the pid. The frame-pointer walk must be bounded by that stack,
+            // not by the initial thread's (`__libc_stack_end`): a garbage frame pointer between
+            // the two would otherwise be read — here it points into a PROT_NONE page.
+            alloc_guard::unwind::force(alloc_guard::unwind::Unwinder::FramePointers);
+            let warm: Vec<u8> = Vec::with_capacity(BIG * 2);
+            std::hint::black_box(&warm);
+            let status = std::thread::spawn(|| {
+                let warm: Vec<u8> = Vec::with_capacity(BIG * 2); // caches this thread's facts
+                std::hint::black_box(&warm);
+                // SAFETY: the child makes raw system calls and allocates through the global
+                // allocator (the point of the test), then _exits.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    let garbage = unmapped_page_above_this_stack();
+                    let before = alloc_guard::stats().recorded;
+                    // SAFETY: `allocate_big` is an `extern "C" fn()`; the frame pointer holds
+                    // garbage only for that call, and nothing dereferences it but the walk.
+                    unsafe { call_with_frame_pointer(garbage, allocate_big) };
+                    let ok = alloc_guard::stats().recorded > before;
+                    unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+                }
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                status
+            })
+            .join()
+            .unwrap();
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "the child crashed or did not record: status {status:#x} (signal {})",
+                libc::WTERMSIG(status)
+            );
+            println!("FORK_THREAD_OK");
+        }
         other => panic!("unknown role {other}"),
     }
+}
+
+/// A big allocation, in a function of its own: its prologue saves whatever the frame pointer
+/// held when it was called.
+extern "C" fn allocate_big() {
+    let v: Vec<u8> = Vec::with_capacity(BIG * 3);
+    std::hint::black_box(&v);
+}
+
+/// Calls `f` with the frame pointer set to `rbp`.
+///
+/// # Safety
+/// `f` must be safe to call; it must not rely on the frame pointer (Rust code does not).
+#[cfg(target_arch = "x86_64")]
+unsafe fn call_with_frame_pointer(rbp: usize, f: extern "C" fn()) {
+    // SAFETY: saves and restores rbp around the call; `sub rsp, 8` keeps the stack 16-byte
+    // aligned at the call (the block starts aligned for a call, `push` moved it by 8).
+    unsafe {
+        core::arch::asm!(
+            "push rbp",
+            "sub rsp, 8",
+            "mov rbp, {rbp}",
+            "call {f}",
+            "add rsp, 8",
+            "pop rbp",
+            rbp = in(reg) rbp,
+            f = in(reg) f,
+            clobber_abi("C"),
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn call_with_frame_pointer(_rbp: usize, f: extern "C" fn()) {
+    f()
+}
+
+extern "C" {
+    /// glibc: the top of the initial thread's stack.
+    static __libc_stack_end: *mut libc::c_void;
+}
+
+/// A PROT_NONE page between this (spawned) thread's stack and the initial thread's stack top:
+/// readable by nobody, so a walk that follows a frame pointer into it crashes.
+fn unmapped_page_above_this_stack() -> usize {
+    let here = &0u8 as *const u8 as usize;
+    // SAFETY: reading a pointer-sized glibc static.
+    let top = unsafe { __libc_stack_end } as usize;
+    let mut at = (top - (16 << 20)) & !0xfff;
+    while at > here {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                4096,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize == at {
+            return at;
+        }
+        at -= 1 << 20;
+    }
+    unsafe { libc::_exit(5) }
 }
 
 fn run_role(role: &str, ok_marker: &str) {
@@ -165,4 +269,9 @@ fn allocations_in_tls_destructors_during_thread_teardown_are_recorded() {
 #[test]
 fn a_panicking_thread_does_not_deadlock_a_recording_one() {
     run_role("panic", "PANIC_OK");
+}
+
+#[test]
+fn fork_on_a_spawned_thread_then_a_garbage_frame_pointer_does_not_crash_the_child() {
+    run_role("fork-from-thread", "FORK_THREAD_OK");
 }

@@ -97,9 +97,12 @@ impl<A> GuardedAlloc<A> {
 
 // SAFETY: every method forwards the caller's request to `inner` unchanged, and returns exactly
 // what `inner` returned (null included), so `inner`'s `GlobalAlloc` guarantees carry over. The
-// slow path adds work around the call but never touches the memory, never unwinds (nothing in it
-// panics: no indexing out of bounds, no unwrap, arithmetic saturating), and never re-enters the
-// global allocator for recording (reentrancy guard).
+// slow path adds work around the call but never touches the memory, never re-enters the global
+// allocator for recording (reentrancy guard), and does not unwind: it has no `unwrap`, its
+// indexing stays in bounds by construction (ring and table indices are taken modulo their
+// length, frame counts are capped at `MAX_FRAMES`), and its integer arithmetic either saturates
+// (durations, scope counters) or advances 64-bit sequence counters that would need 2^62 events
+// to overflow (`2 * seq + 2` in the ring and the in-flight table).
 unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {

@@ -94,7 +94,7 @@ pub(crate) fn record(ev: &RawEvent) {
                     }
                     s.kept.set(k + 1);
                 }
-                s.total.set(s.total.get() + 1);
+                s.total.set(s.total.get().saturating_add(1));
             }
             p = s.outer;
         }

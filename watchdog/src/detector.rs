@@ -297,6 +297,10 @@ impl Detector {
                     }
                     Some(TriggerEvent::LauncherDied) | None => {}
                 }
+                if !t.has_launcher() {
+                    // Relaxed: a monitoring value (fork-proof memory, like all we write here).
+                    self.shared.launcher_pid.store(0, Ordering::Relaxed);
+                }
                 // A dead launcher is replaced once no stall is open (the report thread forks
                 // the service for it), at most once a minute.
                 if !t.has_launcher() && open.iter().all(Option::is_none) {
@@ -306,6 +310,8 @@ impl Detector {
                         *restart_asked_ns = now.max(1);
                     }
                     if let Ok(l) = self.launchers.try_recv() {
+                        // Relaxed: a monitoring value; nothing else is published with it.
+                        self.shared.launcher_pid.store(l.pid(), Ordering::Relaxed);
                         t.install_launcher(l);
                         *restart_asked_ns = 0;
                     }

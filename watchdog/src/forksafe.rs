@@ -35,6 +35,9 @@ unsafe impl<T: Sync> Sync for ForkSafeBox<T> {}
 /// `NonNull`, no enums without a zero discriminant, no `String` or `Vec`.
 pub unsafe trait Zeroable {}
 
+// SAFETY: an atomic integer is valid as zero.
+unsafe impl Zeroable for core::sync::atomic::AtomicU32 {}
+
 impl<T> ForkSafeBox<T> {
     /// A box of zeroed memory: a valid `T` by [`Zeroable`]'s contract.
     pub fn new_zeroed() -> std::io::Result<Self>

@@ -89,6 +89,8 @@ pub(crate) const SPAWNED: u32 = 1;
 pub(crate) const FAILED_DIR: u32 = 2;
 pub(crate) const FAILED_SPAWN: u32 = 3;
 pub(crate) const EXITED: u32 = 4;
+/// The launcher is up (its first answer); `pid` is its own.
+pub(crate) const READY: u32 = 5;
 
 /// Everything needed to (re)start a launcher, opened and checked once at watchdog start.
 pub(crate) struct LaunchSpec {
@@ -122,6 +124,7 @@ pub(crate) enum Polled {
 pub(crate) struct Launcher {
     req_w: OwnedFd,
     resp_r: OwnedFd,
+    pid: u32,
 }
 
 fn pipe_cloexec() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -244,7 +247,31 @@ impl Launcher {
             let fl = libc::fcntl(resp_r.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(resp_r.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
-        Ok(Launcher { req_w, resp_r })
+        let mut l = Launcher {
+            req_w,
+            resp_r,
+            pid: 0,
+        };
+        // Its first word says it is up, and who it is.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match l.poll() {
+                Polled::Answer(r) if r.kind == READY => {
+                    l.pid = r.pid as u32;
+                    return Ok(l);
+                }
+                Polled::Died => return Err(std::io::Error::other("it exited at once")),
+                _ if std::time::Instant::now() >= until => {
+                    return Err(std::io::Error::other("it did not answer within 5 s"))
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// The launcher process's pid (for monitoring, and for tests that kill it).
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// Sends a request (one atomic write). Returns errno on failure (without touching the
@@ -408,6 +435,15 @@ unsafe fn launcher_main(plan: &Plan<'_>) -> ! {
         for fd in 0..3 {
             libc::dup2(NULL, fd);
         }
+        reply(Response {
+            kind: READY,
+            value: 0,
+            stall_id: 0,
+            pid: libc::getpid() as i64,
+            mono_ns: 0,
+            killed: 0,
+            _pad: 0,
+        });
         let mut dur = plan.duration;
         let mut out = [0u8; MAX_OUT_PATH + 1 + MAX_NAME + 1];
         loop {

@@ -85,6 +85,9 @@ impl SampleRing {
 /// State shared between the handle and the watchdog thread.
 pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
+    /// The capture launcher's pid (0: none), for monitoring. In fork-proof memory: the watchdog
+    /// thread writes it.
+    pub(crate) launcher_pid: forksafe::ForkSafeBox<core::sync::atomic::AtomicU32>,
     pub(crate) samples: forksafe::ForkSafeBox<SampleRing>,
     hiccups: parking_lot::Mutex<(hdrhistogram::Histogram<u64>, u64)>,
 }
@@ -193,9 +196,15 @@ impl Watchdog {
         let samples = forksafe::ForkSafeBox::<SampleRing>::new_zeroed()?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            launcher_pid: forksafe::ForkSafeBox::new_zeroed()?,
             samples,
             hiccups: parking_lot::Mutex::new((hist, 0)),
         });
+        // Relaxed: a monitoring value; nothing else is published with it.
+        shared.launcher_pid.store(
+            trigger.as_ref().and_then(|t| t.launcher_pid()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
         let mut pool = Vec::with_capacity(POOL);
         for _ in 0..POOL {
             pool.push(stall::StallRecord::new_fork_safe()?);
@@ -237,6 +246,15 @@ impl Watchdog {
     /// The configuration in force.
     pub fn config(&self) -> &WatchdogConfig {
         &self.cfg
+    }
+
+    /// The pid of the process that starts capture helpers (see the README's "How the capture is
+    /// started during a freeze"), while there is one.
+    pub fn capture_launcher_pid(&self) -> Option<u32> {
+        match self.shared.launcher_pid.load(Ordering::Relaxed) {
+            0 => None,
+            p => Some(p),
+        }
     }
 
     /// Percentiles of the watchdog's wake-up lateness so far.

@@ -280,6 +280,11 @@ impl Trigger {
         self.spec.clone()
     }
 
+    /// The launcher process's pid, while there is one.
+    pub fn launcher_pid(&self) -> Option<u32> {
+        self.launcher.as_ref().map(Launcher::pid)
+    }
+
     /// Whether a launcher process is there to start helpers.
     pub fn has_launcher(&self) -> bool {
         self.launcher.is_some()

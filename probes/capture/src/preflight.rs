@@ -9,7 +9,7 @@ use std::process::ExitCode;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code: bpftrace not found.
 pub const EXIT_NO_BPFTRACE: u8 = 3;
-/// Exit code: not permitted (not root, no CAP_BPF + CAP_PERFMON).
+/// Exit code: not permitted (not root).
 pub const EXIT_NOT_PERMITTED: u8 = 4;
 /// Exit code: tracefs not mounted.
 pub const EXIT_NO_TRACEFS: u8 = 5;
@@ -87,7 +87,7 @@ pub fn system(pid: Option<u32>) -> Result<(), Refusal> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(Refusal::new(
             EXIT_NOT_PERMITTED,
-            "not permitted: eBPF needs root (or CAP_BPF and CAP_PERFMON); run as root, or run the armed recorder as a root sidecar",
+            "not permitted: eBPF needs root, and this tool writes as root (it refuses capabilities without uid 0); run it as root, or run the armed recorder as a root sidecar",
         ));
     }
     if !Path::new("/sys/kernel/tracing/events").exists()

@@ -209,3 +209,58 @@ fn each_error_has_its_message_and_exit_code() {
     );
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// The attack that worked against the shared default directory: another user's directory with
+/// `helper.log` pointing at a victim and a FIFO where the program used to be written. The
+/// helper refuses the directory; the victim is untouched and nobody ever opens the FIFO.
+#[test]
+fn a_planted_directory_is_refused_and_nothing_in_it_is_touched() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !common::ebpf_or_skip("a_planted_directory_is_refused_and_nothing_in_it_is_touched")
+    {
+        return; // root is needed to make a directory another user owns
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let base = std::env::temp_dir().join(format!("freezetrap-plant-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let planted = base.join("stall-1-4242");
+    std::fs::create_dir_all(&planted).unwrap();
+    let victim = base.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, planted.join("helper.log")).unwrap();
+    let fifo = std::ffi::CString::new(planted.join("capture.bt").as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+    let dir = std::ffi::CString::new(planted.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::chown(dir.as_ptr(), 65534, 65534) }, 0);
+    // Watch the FIFO: a non-blocking open for writing succeeds only while someone reads it.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (done, fifo) = (done.clone(), fifo.clone());
+        std::thread::spawn(move || {
+            let mut opened = false;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let fd = unsafe { libc::open(fifo.as_ptr(), libc::O_WRONLY | libc::O_NONBLOCK) };
+                if fd >= 0 {
+                    opened = true;
+                    unsafe { libc::close(fd) };
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            opened
+        })
+    };
+    let me = std::process::id().to_string();
+    let (c, e) = capture(&me, planted.to_str().unwrap(), "/bin/true");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(c, 7, "{e}");
+    assert!(e.contains("is owned by uid 65534, not root"), "{e}");
+    assert!(!watcher.join().unwrap(), "nobody read the planted FIFO");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let names: Vec<_> = std::fs::read_dir(&planted)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "nothing written there: {names:?}");
+    let _ = std::fs::remove_dir_all(&base);
+}
