@@ -258,6 +258,9 @@ pub fn resymbolize(maps: &mut Maps, syms: &symbols::TargetSymbols) {
         let old = std::mem::take(entries);
         for (key, v) in old {
             let mut out = String::with_capacity(key.len());
+            // The innermost user frame is where the thread was; the others are return
+            // addresses, named by the call before them (`addr - 1`), as perf and gdb do.
+            let mut user_index = 0;
             for (i, line) in key.split('\n').enumerate() {
                 if i > 0 {
                     out.push('\n');
@@ -274,8 +277,15 @@ pub fn resymbolize(maps: &mut Maps, syms: &symbols::TargetSymbols) {
                     .map(|(_, m)| m.trim_end_matches(')'))
                     .unwrap_or("");
                 let named = u64::from_str_radix(addr, 16)
-                    .map(|a| syms.resolve(a))
+                    .map(|a| {
+                        syms.resolve(if user_index == 0 {
+                            a
+                        } else {
+                            a.saturating_sub(1)
+                        })
+                    })
                     .unwrap_or_default();
+                user_index += 1;
                 if named.is_empty() {
                     out.push_str(line);
                     continue;
@@ -626,6 +636,34 @@ mod tests {
         assert_eq!(k, ["dup_mmap", "copy_process"]);
         let (c, k, u) = split_key("idle,,");
         assert_eq!((c.as_str(), k.len(), u.len()), ("idle", 0, 0));
+    }
+
+    #[inline(never)]
+    fn a_frame_to_rename() -> u64 {
+        std::hint::black_box(a_frame_to_rename as fn() -> u64 as usize as u64)
+    }
+
+    #[test]
+    fn user_frames_are_renamed_with_return_addresses_looked_up_at_the_call() {
+        let syms = symbols::TargetSymbols::snapshot(std::process::id()).unwrap();
+        let f = a_frame_to_rename();
+        // Two frames: the innermost at the function's first byte, then a return address just
+        // past it (looked up at `addr - 1`, still inside the function).
+        let key = format!(
+            "t,\n    x+1\n,\n\t{f:x} [unknown] (/x)\n\t{:x} [unknown] (/x)\n",
+            f + 1
+        );
+        let mut maps = Maps::new();
+        maps.entry("@off".into()).or_default().insert(key, 7);
+        resymbolize(&mut maps, &syms);
+        let (key, v) = maps["@off"].iter().next().unwrap();
+        assert_eq!(*v, 7);
+        let (_, _, user) = split_key(key);
+        assert_eq!(user.len(), 2, "{key}");
+        assert!(
+            user.iter().all(|u| u.ends_with("a_frame_to_rename")),
+            "{user:?}"
+        );
     }
 
     #[test]
