@@ -88,7 +88,7 @@ fn oversized_event(c: &mut Criterion) {
         );
     }
     unwind::force(Unwinder::Undecided);
-    freezetrap::alloc_guard::set_backtrace_depth(freezetrap::alloc_guard::ring::MAX_FRAMES);
+    freezetrap::alloc_guard::set_backtrace_depth(freezetrap::alloc_guard::internal::MAX_FRAMES);
     freezetrap::alloc_guard::set_threshold(None);
     g.finish();
 }
@@ -141,13 +141,13 @@ fn backtraces(c: &mut Criterion) {
         })
     });
     g.bench_function("gettid_syscall", |b| {
-        b.iter(|| black_box(freezetrap::alloc_guard::sys::current_tid()))
+        b.iter(|| black_box(base::thread::current_tid()))
     });
     g.bench_function("prctl_get_name", |b| {
-        b.iter(|| black_box(freezetrap::alloc_guard::sys::current_thread_name()))
+        b.iter(|| black_box(base::thread::current_thread_name()))
     });
     g.bench_function("clock_monotonic", |b| {
-        b.iter(|| black_box(freezetrap::alloc_guard::sys::monotonic_ns()))
+        b.iter(|| black_box(base::clock::monotonic_ns()))
     });
     g.bench_function("frame_pointer_walk", |b| {
         b.iter(|| {

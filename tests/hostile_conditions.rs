@@ -54,8 +54,8 @@ fn child_roles() {
                     let ok = alloc_guard::stats().recorded > before;
                     // The event must carry the child's thread id (= its pid), not the parent's
                     // cached one.
-                    let mut evs = [alloc_guard::RawEvent::EMPTY; 8];
-                    let n = alloc_guard::RING.events_between(0, u64::MAX, &mut evs);
+                    let mut evs = [alloc_guard::internal::RawEvent::EMPTY; 8];
+                    let n = alloc_guard::internal::RING.events_between(0, u64::MAX, &mut evs);
                     let pid = unsafe { libc::getpid() } as u64;
                     let right_tid = evs[..n]
                         .iter()

@@ -3,7 +3,8 @@
 
 mod common;
 
-use freezetrap::alloc_guard::{self, inflight, AllocKind, Cursor, RawEvent, RING};
+use freezetrap::alloc_guard::internal::{self as inflight, Cursor, RawEvent, RING};
+use freezetrap::alloc_guard::{self, AllocKind};
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -65,16 +66,16 @@ fn make_zeroed(bytes: usize) -> Vec<u8> {
 #[test]
 fn alloc_zeroed_and_realloc_events_carry_every_field() {
     setup();
-    let tid = alloc_guard::sys::current_tid();
+    let tid = base::thread::current_tid();
     let before = alloc_guard::stats().recorded;
-    let t0 = alloc_guard::sys::monotonic_ns();
+    let t0 = base::clock::monotonic_ns();
 
     let zeroed = make_zeroed(33 << 20);
     let mut grown: Vec<u8> = Vec::with_capacity(16 << 20);
     grown.reserve_exact(35 << 20);
     let plain: Vec<u8> = Vec::with_capacity(34 << 20);
     let small: Vec<u8> = Vec::with_capacity((32 << 20) - 1);
-    let t1 = alloc_guard::sys::monotonic_ns();
+    let t1 = base::clock::monotonic_ns();
     std::hint::black_box((&zeroed, &grown, &plain, &small));
 
     assert!(alloc_guard::stats().recorded >= before + 3);
@@ -125,7 +126,7 @@ fn an_allocation_is_in_flight_until_the_inner_allocator_returns() {
         .spawn(|| {
             // black_box: otherwise LLVM may elide an allocation whose capacity is all we use.
             let v: Vec<u8> = std::hint::black_box(Vec::with_capacity(GATED_SIZE));
-            (alloc_guard::sys::current_tid(), v.capacity())
+            (base::thread::current_tid(), v.capacity())
         })
         .unwrap();
     let mut out = [RawEvent::EMPTY; inflight::SLOTS];
@@ -164,7 +165,7 @@ fn a_failing_inner_allocator_returns_null_and_is_still_recorded() {
     let layout = std::hint::black_box(Layout::from_size_align(NULL_SIZE, 8).unwrap());
     let p = std::hint::black_box(unsafe { std::alloc::alloc(layout) });
     assert!(p.is_null(), "null must be propagated");
-    let e = find_event(NULL_SIZE as u64, alloc_guard::sys::current_tid()).expect("event");
+    let e = find_event(NULL_SIZE as u64, base::thread::current_tid()).expect("event");
     assert_eq!(e.address, 0);
 }
 
@@ -259,7 +260,7 @@ fn the_human_line_reads_like_a_sentence() {
         line: Some(57),
     }];
     assert_eq!(
-        alloc_guard::report::human_line(&ev, &frames),
+        alloc_guard::internal::human_line(&ev, &frames),
         "freezetrap: large allocation: 3.50 GiB realloc (from 1.75 GiB) on thread 'shard-3' (tid 42) took 2.41 s at my_service::index::insert (svc/src/index.rs:57)"
     );
 }
@@ -273,7 +274,7 @@ fn allocate_marker(bytes: usize) -> Vec<u8> {
 fn both_unwinders_name_the_same_caller_and_auto_picks_frame_pointers_here() {
     use alloc_guard::unwind::{self, Unwinder};
     setup();
-    let tid = alloc_guard::sys::current_tid();
+    let tid = base::thread::current_tid();
     let mut sym = alloc_guard::symbolize::Symbolizer::new();
     let mut callers = Vec::new();
     for (i, u) in [Unwinder::Dwarf, Unwinder::FramePointers]

@@ -1,7 +1,7 @@
 //! Stress: 8 threads x 1M random-size allocations, some oversized. Every oversized allocation
 //! must be accounted for exactly: reported + dropped == the number the threads made.
 
-use freezetrap::alloc_guard::{self, Cursor, RING};
+use freezetrap::alloc_guard::{self, internal::Cursor, internal::RING};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,7 +27,7 @@ fn every_oversized_allocation_is_reported_or_counted_as_dropped() {
     let mut cursor = Cursor::new(&RING, false);
     assert_eq!(cursor.position(), start_seq);
     let consumer = std::thread::spawn(move || {
-        alloc_guard::mark_current_thread_internal();
+        alloc_guard::internal::mark_current_thread_internal();
         let mut oversized_read = 0u64;
         loop {
             let finished = d2.load(Ordering::Acquire);

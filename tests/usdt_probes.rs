@@ -63,7 +63,7 @@ fn child_allocator() {
     std::hint::black_box(&v);
     let small: Vec<u8> = Vec::with_capacity(1 << 20);
     std::hint::black_box(&small);
-    println!("CHILD_TID {}", freezetrap::alloc_guard::sys::current_tid());
+    println!("CHILD_TID {}", base::thread::current_tid());
 }
 
 #[test]

@@ -26,13 +26,13 @@ fn child_service() {
     let workers = common::heartbeating_mmappers(3, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..3 {
-        let before = freezetrap::alloc_guard::sys::monotonic_ns();
+        let before = base::clock::monotonic_ns();
         // SAFETY: the child only calls _exit.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             unsafe { libc::_exit(0) };
         }
-        let after = freezetrap::alloc_guard::sys::monotonic_ns();
+        let after = base::clock::monotonic_ns();
         println!("FORK {before} {after}");
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         std::thread::sleep(Duration::from_millis(400));

@@ -31,7 +31,7 @@ fn child_service() {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let keep = with_alloc.then(resize_index);
-            println!("TID {}", freezetrap::alloc_guard::sys::current_tid());
+            println!("TID {}", base::thread::current_tid());
             std::thread::sleep(Duration::from_millis(1000)); // the stall
             println!("BLOCK_END {}", common::realtime_ns());
             for _ in 0..30 {

@@ -2,16 +2,16 @@
 //! returned. This is what lets the watchdog name a resize that is *still running* when a stall is
 //! detected (the incident's 3.5 GB table), not only allocations that already finished.
 //!
-//! A fixed array of [`SLOTS`] seqlock slots in a `static`. The owning thread claims a free slot
-//! (CAS `0 -> CLAIMING`), writes the event words, publishes a unique even token, and frees the
-//! slot (store `0`) when the inner allocator returns. Readers copy the words between two loads of
-//! the state and keep the copy only if both loads saw the same token (the same Release-fence /
-//! Acquire-fence pairing as [`crate::ring`]). Tokens are unique, so a slot freed and reclaimed
-//! during a read is detected. When every slot is taken, the allocation is not tracked and
-//! [`untracked`] counts it.
+//! A fixed array of [`SLOTS`] seqlock slots ([`crate::slot::Slot`], which has the ordering
+//! argument) in a `static`. The owning thread claims a free slot (`0 -> CLAIMING`), writes the
+//! event words, publishes a unique even token, and frees the slot (back to `0`) when the inner
+//! allocator returns. Readers keep a copy only if the token did not change while they copied;
+//! tokens are unique, so a slot freed and reclaimed during a read is detected. When every slot
+//! is taken, the allocation is not tracked and [`untracked`] counts it.
 
-use crate::ring::{decode, RawEvent, WORDS};
-use core::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::event::{decode, RawEvent};
+use crate::slot::{Slot, SlotRead};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Concurrent oversized allocations that can be tracked at once.
 pub const SLOTS: usize = 64;
@@ -19,17 +19,7 @@ pub const SLOTS: usize = 64;
 const FREE: u64 = 0;
 const CLAIMING: u64 = 1;
 
-struct Slot {
-    state: AtomicU64,
-    words: [AtomicU64; WORDS],
-}
-
-static TABLE: [Slot; SLOTS] = [const {
-    Slot {
-        state: AtomicU64::new(FREE),
-        words: [const { AtomicU64::new(0) }; WORDS],
-    }
-}; SLOTS];
+static TABLE: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static UNTRACKED: AtomicU64 = AtomicU64::new(0);
 
@@ -50,21 +40,10 @@ impl InFlightMark {
         for k in 0..SLOTS {
             let i = (start + k) % SLOTS;
             let slot = &TABLE[i];
-            // Acquire on success: our word stores must stay after the claim.
-            if slot
-                .state
-                .compare_exchange(FREE, CLAIMING, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                // Release fence: pairs with the reader's Acquire fence (seqlock re-check).
-                fence(Ordering::Release);
-                for (d, v) in slot.words.iter().zip(ev.encode().iter()) {
-                    d.store(*v, Ordering::Relaxed);
-                }
+            if slot.claim(FREE, CLAIMING).is_ok() {
                 // Relaxed: only uniqueness matters.
                 let token = 2 * NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-                // Release: a reader that Acquire-loads the token sees the words.
-                slot.state.store(token, Ordering::Release);
+                slot.write(&ev.encode(), token);
                 return InFlightMark { slot: Some(i) };
             }
         }
@@ -79,8 +58,7 @@ impl InFlightMark {
 
     fn release(&mut self) {
         if let Some(i) = self.slot.take() {
-            // Release: orders our earlier word stores before the slot can be reclaimed.
-            TABLE[i].state.store(FREE, Ordering::Release);
+            TABLE[i].release(FREE);
         }
     }
 }
@@ -94,9 +72,7 @@ impl Drop for InFlightMark {
 /// Reads every slot once so its pages are mapped (see [`crate::ring::Ring::touch_all`]).
 pub fn touch_all() {
     for slot in TABLE.iter() {
-        // Relaxed: the values are not used.
-        core::hint::black_box(slot.state.load(Ordering::Relaxed));
-        core::hint::black_box(slot.words[WORDS - 1].load(Ordering::Relaxed));
+        slot.touch();
     }
 }
 
@@ -109,18 +85,8 @@ pub fn in_flight(out: &mut [RawEvent]) -> usize {
         if n == out.len() {
             break;
         }
-        // Acquire: pairs with the publishing Release store of the token.
-        let s1 = slot.state.load(Ordering::Acquire);
-        if s1 < 2 {
-            continue;
-        }
-        let mut w = [0u64; WORDS];
-        for (d, s) in w.iter_mut().zip(slot.words.iter()) {
-            *d = s.load(Ordering::Relaxed);
-        }
-        // Acquire fence: pairs with the claimer's Release fence.
-        fence(Ordering::Acquire);
-        if slot.state.load(Ordering::Relaxed) == s1 {
+        // A published token is even and at least 2 (0 = free, 1 = being claimed).
+        if let SlotRead::Copied(w) = slot.read(|s| s >= 2) {
             out[n] = decode(&w);
             n += 1;
         }

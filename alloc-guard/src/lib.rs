@@ -53,26 +53,42 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
-pub mod dirs;
-pub mod inflight;
+mod cursor;
+mod event;
+mod inflight;
 mod record;
-pub mod report;
-pub mod ring;
+mod report;
+mod ring;
 mod scope;
+mod slot;
 pub mod symbolize;
-pub mod sys;
+mod thread_facts;
+mod threshold;
 pub mod unwind;
+mod writer;
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::sync::atomic::Ordering;
 use record::Request;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use record::{mark_current_thread_internal, stats, RecorderStats};
-pub use report::{ReportSink, ReportWriter, Reporter, ReporterConfig, ReporterStats};
-pub use ring::{AllocKind, Cursor, CursorStats, RawEvent, RING};
+pub use config::EnvSettings;
+pub use event::AllocKind;
+pub use record::{stats, RecorderStats};
+pub use report::{Reporter, ReporterConfig, ReporterStats};
 pub use scope::assert_no_large_allocs;
+pub use writer::{ReportSink, ReportWriter};
+
+/// What the other freezetrap crates (the watchdog) and its own tests use of the recorder's
+/// machinery. Not a stable interface.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::cursor::{Cursor, CursorStats};
+    pub use crate::event::{RawEvent, MAX_FRAMES};
+    pub use crate::inflight::{in_flight, touch_all as touch_in_flight, untracked, SLOTS};
+    pub use crate::record::mark_current_thread_internal;
+    pub use crate::report::human_line;
+    pub use crate::ring::{Lookup, Ring, CAPACITY, RING};
+}
 
 /// The global-allocator wrapper. See the [crate docs](crate).
 ///
@@ -106,7 +122,7 @@ impl<A> GuardedAlloc<A> {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < record::threshold() {
+        if layout.size() < threshold::fast_path_threshold() {
             // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
             return unsafe { self.inner.alloc(layout) };
         }
@@ -116,7 +132,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < record::threshold() {
+        if layout.size() < threshold::fast_path_threshold() {
             // SAFETY: forwarded unchanged.
             return unsafe { self.inner.alloc_zeroed(layout) };
         }
@@ -126,7 +142,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size < record::threshold() {
+        if new_size < threshold::fast_path_threshold() {
             // SAFETY: forwarded unchanged; `ptr` was allocated by `inner` via this wrapper.
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
@@ -152,24 +168,20 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
 
 /// Sets the recording threshold in code (`None` = off), overriding `FREEZETRAP_ALLOC_THRESHOLD`.
 pub fn set_threshold(bytes: Option<usize>) {
-    record::wait_init();
-    scope::with_registry(|_| {
-        record::BASE_THRESHOLD.store(bytes.unwrap_or(usize::MAX).max(1), Ordering::Relaxed)
-    });
+    threshold::set_base(bytes.unwrap_or(usize::MAX));
 }
 
 /// Sets how many raw frames are captured per oversized allocation (clamped to 1..=32),
 /// overriding `FREEZETRAP_BACKTRACE_DEPTH`. Fewer frames make each event cheaper: unwinding
 /// costs roughly 0.3 µs per frame.
 pub fn set_backtrace_depth(frames: usize) {
-    record::wait_init();
-    record::DEPTH.store(frames.clamp(1, ring::MAX_FRAMES), Ordering::Relaxed);
+    threshold::set_depth(frames);
 }
 
 /// The recording threshold in force (`None` = off). Active `assert_no_large_allocs` scopes do not
 /// change it.
 pub fn threshold() -> Option<usize> {
-    record::wait_init();
+    threshold::wait_init();
     stats().threshold
 }
 
@@ -177,7 +189,7 @@ pub fn threshold() -> Option<usize> {
 pub fn is_installed() -> bool {
     let probe = std::hint::black_box(Box::new(0u8));
     drop(probe);
-    record::initialised()
+    threshold::initialised()
 }
 
 /// Re-reads `FREEZETRAP_ALLOC_THRESHOLD` through `std::env` (for programs that set it in
@@ -185,109 +197,28 @@ pub fn is_installed() -> bool {
 /// valid. A malformed value prints the usual one-line message, unless it was already reported
 /// at start-up.
 pub fn reload_threshold_from_env() {
-    record::wait_init();
+    threshold::wait_init();
     let Ok(v) = std::env::var("FREEZETRAP_ALLOC_THRESHOLD") else {
         return;
     };
-    match config::parse_size(v.as_bytes()) {
+    match base::parse::parse_size(v.as_bytes()) {
         Ok(t) => {
             if threshold() != Some(t) {
                 set_threshold(Some(t));
             }
         }
         Err(e) => {
-            let seen_at_start = config::getenv_bytes(c"FREEZETRAP_ALLOC_THRESHOLD")
+            let seen_at_start = base::env::getenv_bytes(c"FREEZETRAP_ALLOC_THRESHOLD")
                 == Some(v.as_bytes())
-                && record::complained_at_start();
+                && threshold::complained_at_start();
             if !seen_at_start {
-                config::complain_malformed(
+                base::env::complain_malformed(
                     "FREEZETRAP_ALLOC_THRESHOLD",
                     v.as_bytes(),
                     e,
-                    config::SIZE_FORM,
+                    base::parse::SIZE_FORM,
                     "large-allocation recording stays off",
                 );
-            }
-        }
-    }
-}
-
-/// Settings read from the environment by [`init_from_env`].
-#[derive(Debug, Clone)]
-pub struct EnvSettings {
-    /// `FREEZETRAP_OUT`, when it could be used (created 0700 if missing; refused unless owned by
-    /// this process's user and not writable by group or others).
-    pub out_dir: Option<PathBuf>,
-    /// `FREEZETRAP_REPORT`.
-    pub report: ReportSink,
-    /// `FREEZETRAP_QUIET=1`: no human line per large allocation.
-    pub quiet: bool,
-    /// The open handle on `out_dir`: everything written there goes through it.
-    out: Option<Arc<dirs::Dir>>,
-}
-
-impl EnvSettings {
-    /// Reads `FREEZETRAP_OUT`, `FREEZETRAP_REPORT` and `FREEZETRAP_QUIET`. Problems print one line
-    /// each and fall back to a safe default (no directory, report off, not quiet).
-    pub fn from_env() -> EnvSettings {
-        let out = std::env::var_os("FREEZETRAP_OUT").and_then(|d| {
-            let d = PathBuf::from(d);
-            match dirs::Dir::open_private(&d) {
-                Ok(dir) => Some(Arc::new(dir)),
-                Err(why) => {
-                    eprintln!(
-                        "freezetrap: FREEZETRAP_OUT={} is refused: {why}: reports and captures will not be written there",
-                        d.display()
-                    );
-                    None
-                }
-            }
-        });
-        let out_dir = out.as_ref().map(|d| d.path().to_path_buf());
-        let report = match std::env::var("FREEZETRAP_REPORT") {
-            Ok(v) => ReportSink::parse(&v, out_dir.as_deref()),
-            Err(std::env::VarError::NotPresent) => ReportSink::Off,
-            Err(std::env::VarError::NotUnicode(v)) => ReportSink::File(match &out_dir {
-                Some(dir) if std::path::Path::new(&v).is_relative() => dir.join(v),
-                _ => PathBuf::from(v),
-            }),
-        };
-        let quiet = match std::env::var("FREEZETRAP_QUIET") {
-            Ok(v) => match v.as_str() {
-                "1" | "true" | "yes" => true,
-                "0" | "false" | "no" | "" => false,
-                other => {
-                    eprintln!("freezetrap: FREEZETRAP_QUIET=\"{other}\" is not valid: expected 1 or 0; staying verbose");
-                    false
-                }
-            },
-            Err(std::env::VarError::NotPresent) => false,
-            Err(std::env::VarError::NotUnicode(_)) => {
-                eprintln!("freezetrap: FREEZETRAP_QUIET is not valid UTF-8: expected 1 or 0; staying verbose");
-                false
-            }
-        };
-        EnvSettings {
-            out_dir,
-            report,
-            quiet,
-            out,
-        }
-    }
-
-    /// The open, checked `FREEZETRAP_OUT` directory.
-    pub fn out(&self) -> Option<&Arc<dirs::Dir>> {
-        self.out.as_ref()
-    }
-
-    /// Opens the report writer these settings name; on failure prints one line and returns a
-    /// writer that discards JSON.
-    pub fn open_writer(&self) -> Arc<ReportWriter> {
-        match ReportWriter::open_in(self.report.clone(), self.out.as_deref()) {
-            Ok(w) => Arc::new(w),
-            Err(e) => {
-                eprintln!("freezetrap: {e}: the JSON report is off; check FREEZETRAP_REPORT");
-                Arc::new(ReportWriter::off())
             }
         }
     }

@@ -1,13 +1,12 @@
 //! The event ring: a fixed-capacity, lock-free, overwrite-oldest buffer of oversized-allocation
-//! events, living in a `static` so that recording never allocates.
+//! events, living in a `static` so that recording never allocates. Each slot is a
+//! [`crate::slot::Slot`] (the seqlock and its memory-ordering argument live there).
 //!
 //! # Design
 //! Writers are allocating threads (many), readers are the reporter and the watchdog (a few,
-//! reading without consuming). Each slot is a *seqlock*: a `stamp` plus the event encoded as
-//! `AtomicU64` words (so a reader racing a writer reads stale or torn words, never undefined
-//! behaviour, and detects the tear by re-checking the stamp).
+//! reading without consuming).
 //!
-//! The stamp encodes which sequence number the slot holds and whether it is complete:
+//! The stamp of a ring slot encodes which sequence number it holds and whether it is complete:
 //! `0` = never written, `2*seq+1` = being written for `seq`, `2*seq+2` = holds `seq`, complete.
 //!
 //! **Writing** event `seq` (unique, from `HEAD.fetch_add`): the slot is `seq % CAPACITY`.
@@ -15,173 +14,20 @@
 //!    writer preempted mid-copy while `CAPACITY` more events came in), the writer gives up at
 //!    once: it must never wait. It leaves a *tombstone* (`SKIPPED[slot] = seq`) so readers know
 //!    `seq` will never appear, and counts a collision.
-//! 2. Otherwise it CASes the stamp to `2*seq+1`, issues a Release fence, stores the words
-//!    (Relaxed), and publishes with a Release store of `2*seq+2`.
-//!
-//! **Reading** `seq`: Acquire-load the stamp; if it is `2*seq+2`, load the words (Relaxed), then
-//! an Acquire fence, then re-load the stamp. Equal stamps mean the copy is whole: the writer's
-//! Release fence after the odd stamp pairs with the reader's Acquire fence, so if the reader saw
-//! any word of a later write, its second stamp load sees that write's odd stamp (the classic
-//! seqlock argument, see Boehm, "Can seqlocks get along with programming language memory
-//! models?", 2012). The publishing Release store pairs with the reader's first Acquire load, so a
-//! complete stamp implies the words of that write are visible.
+//! 2. Otherwise it claims the slot (stamp `2*seq+1`), writes the words and publishes `2*seq+2`
+//!    ([`crate::slot`] has the ordering argument).
 //!
 //! A reader following the sequence (the reporter's [`Cursor`]) classifies each `seq < HEAD` as
 //! *read*, *lost* (slot already holds a newer sequence, or a tombstone says the writer gave up),
 //! or *pending* (the writer took its number but has not published yet; retried later). Every
 //! sequence number ends in exactly one of `read` or `lost`, which is what lets a test check that
 //! logged + dropped equals the number of oversized allocations exactly.
+use crate::event::{decode, RawEvent};
+use crate::slot::{Slot, SlotRead};
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use core::sync::atomic::{fence, AtomicU64, Ordering};
-
-/// Raw return addresses kept per event.
-pub const MAX_FRAMES: usize = 32;
 /// Slots in the ring: the most recent `CAPACITY` events stay readable.
 pub const CAPACITY: usize = 1024;
-
-const HEADER_WORDS: usize = 10;
-pub(crate) const WORDS: usize = HEADER_WORDS + MAX_FRAMES;
-
-/// Which allocator entry point produced an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum AllocKind {
-    /// `GlobalAlloc::alloc`.
-    Alloc = 0,
-    /// `GlobalAlloc::alloc_zeroed`.
-    AllocZeroed = 1,
-    /// `GlobalAlloc::realloc` (`old_size` is the size before).
-    Realloc = 2,
-}
-
-impl AllocKind {
-    /// The name used in reports: `alloc`, `alloc_zeroed` or `realloc`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AllocKind::Alloc => "alloc",
-            AllocKind::AllocZeroed => "alloc_zeroed",
-            AllocKind::Realloc => "realloc",
-        }
-    }
-    fn from_u8(v: u8) -> AllocKind {
-        match v {
-            1 => AllocKind::AllocZeroed,
-            2 => AllocKind::Realloc,
-            _ => AllocKind::Alloc,
-        }
-    }
-}
-
-/// One oversized allocation, as recorded on the allocating thread: plain integers and raw return
-/// addresses, symbolized later by the reporter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RawEvent {
-    /// Sequence number, 0-based, in order of completion.
-    pub seq: u64,
-    /// Entry point.
-    pub kind: AllocKind,
-    /// Requested size in bytes.
-    pub size: u64,
-    /// Size before a realloc; 0 otherwise.
-    pub old_size: u64,
-    /// Address returned by the inner allocator; 0 if it failed.
-    pub address: u64,
-    /// Kernel thread id of the allocating thread.
-    pub thread_id: u64,
-    /// Kernel name of the allocating thread, NUL-padded.
-    pub thread_name: [u8; 16],
-    /// `CLOCK_MONOTONIC` nanoseconds when the allocation entered the allocator.
-    pub ts_ns: u64,
-    /// Nanoseconds spent inside the inner allocator.
-    pub duration_ns: u64,
-    /// How many entries of `frames` are valid.
-    pub frame_count: usize,
-    /// Raw return addresses, innermost first (allocator frames included; the reporter trims them).
-    pub frames: [usize; MAX_FRAMES],
-}
-
-impl RawEvent {
-    /// An all-zero event, for preallocated buffers.
-    pub const EMPTY: RawEvent = RawEvent {
-        seq: 0,
-        kind: AllocKind::Alloc,
-        size: 0,
-        old_size: 0,
-        address: 0,
-        thread_id: 0,
-        thread_name: [0; 16],
-        ts_ns: 0,
-        duration_ns: 0,
-        frame_count: 0,
-        frames: [0; MAX_FRAMES],
-    };
-
-    /// The valid frames.
-    pub fn frames(&self) -> &[usize] {
-        &self.frames[..self.frame_count.min(MAX_FRAMES)]
-    }
-
-    /// The thread name as text.
-    pub fn thread_name(&self) -> &str {
-        crate::sys::name_str(&self.thread_name)
-    }
-
-    pub(crate) fn encode(&self) -> [u64; WORDS] {
-        let mut w = [0u64; WORDS];
-        w[0] = self.seq;
-        w[1] = self.kind as u64 | ((self.frame_count.min(MAX_FRAMES) as u64) << 8);
-        w[2] = self.size;
-        w[3] = self.old_size;
-        w[4] = self.address;
-        w[5] = self.thread_id;
-        w[6] = u64::from_le_bytes(self.thread_name[..8].try_into().unwrap_or([0; 8]));
-        w[7] = u64::from_le_bytes(self.thread_name[8..].try_into().unwrap_or([0; 8]));
-        w[8] = self.ts_ns;
-        w[9] = self.duration_ns;
-        for (d, f) in w[HEADER_WORDS..].iter_mut().zip(self.frames.iter()) {
-            *d = *f as u64;
-        }
-        w
-    }
-}
-
-/// One seqlock slot: the stamp and the event encoded as words.
-struct Slot {
-    stamp: AtomicU64,
-    words: [AtomicU64; WORDS],
-}
-
-impl Slot {
-    const fn new() -> Slot {
-        Slot {
-            stamp: AtomicU64::new(0),
-            words: [const { AtomicU64::new(0) }; WORDS],
-        }
-    }
-}
-
-pub(crate) fn decode(w: &[u64; WORDS]) -> RawEvent {
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(&w[6].to_le_bytes());
-    name[8..].copy_from_slice(&w[7].to_le_bytes());
-    let mut frames = [0usize; MAX_FRAMES];
-    for (d, s) in frames.iter_mut().zip(w[HEADER_WORDS..].iter()) {
-        *d = *s as usize;
-    }
-    RawEvent {
-        seq: w[0],
-        kind: AllocKind::from_u8((w[1] & 0xff) as u8),
-        frame_count: ((w[1] >> 8) as usize).min(MAX_FRAMES),
-        size: w[2],
-        old_size: w[3],
-        address: w[4],
-        thread_id: w[5],
-        thread_name: name,
-        ts_ns: w[8],
-        duration_ns: w[9],
-        frames,
-    }
-}
 
 /// The ring. One static instance ([`RING`]) serves the process; tests may build their own.
 pub struct Ring {
@@ -245,37 +91,24 @@ impl Ring {
         let idx = (seq % CAPACITY as u64) as usize;
         let slot = &self.slots[idx];
         let mine_odd = 2 * seq + 1;
-        let mut cur = slot.stamp.load(Ordering::Relaxed);
+        let mut cur = slot.stamp_relaxed();
         loop {
             let busy = cur & 1 == 1;
             let newer = cur != 0 && (cur - 1) / 2 >= seq;
             if busy || newer {
+                // Release: for symmetry with the stamps; readers Acquire-load tombstones.
                 self.skipped[idx].fetch_max(seq + 1, Ordering::Release);
                 self.collisions.fetch_add(1, Ordering::Relaxed);
                 return seq;
             }
-            // Acquire on success: we must not let our word stores move before we own the slot.
-            match slot.stamp.compare_exchange_weak(
-                cur,
-                mine_odd,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
+            match slot.claim(cur, mine_odd) {
+                Ok(()) => break,
                 Err(now) => cur = now,
             }
         }
-        // Release fence: pairs with the reader's Acquire fence (see module docs): a reader that
-        // sees any word below also sees our odd stamp on its re-check.
-        fence(Ordering::Release);
         let mut e = *ev;
         e.seq = seq;
-        for (dst, v) in slot.words.iter().zip(e.encode().iter()) {
-            dst.store(*v, Ordering::Relaxed);
-        }
-        // Release: pairs with the reader's first Acquire stamp load; the words are visible to
-        // anyone who sees the complete stamp.
-        slot.stamp.store(mine_odd + 1, Ordering::Release);
+        slot.write(&e.encode(), mine_odd + 1);
         seq
     }
 
@@ -285,33 +118,22 @@ impl Ring {
             return Lookup::Pending;
         }
         let idx = (seq % CAPACITY as u64) as usize;
-        let slot = &self.slots[idx];
         let want = 2 * seq + 2;
-        let s1 = slot.stamp.load(Ordering::Acquire);
-        if s1 == want - 1 {
-            return Lookup::Pending; // being written right now
+        match self.slots[idx].read(|s| s == want) {
+            SlotRead::Copied(w) => Lookup::Found(decode(&w)),
+            SlotRead::Torn => Lookup::Lost, // overwritten while we copied
+            SlotRead::Other(s1) if s1 == want - 1 => Lookup::Pending, // being written now
+            SlotRead::Other(s1) => {
+                let newer = s1 != 0 && (s1 - 1) / 2 > seq;
+                // Acquire: pairs with the giving-up writer's Release.
+                let tomb = self.skipped[idx].load(Ordering::Acquire);
+                if newer || tomb > seq {
+                    Lookup::Lost
+                } else {
+                    Lookup::Pending
+                }
+            }
         }
-        if s1 != want {
-            let newer = s1 != 0 && (s1 - 1) / 2 > seq;
-            // Acquire: pairs with the giving-up writer's Release, for symmetry with stamps.
-            let tomb = self.skipped[idx].load(Ordering::Acquire);
-            return if newer || tomb > seq {
-                Lookup::Lost
-            } else {
-                Lookup::Pending
-            };
-        }
-        let mut w = [0u64; WORDS];
-        for (d, s) in w.iter_mut().zip(slot.words.iter()) {
-            *d = s.load(Ordering::Relaxed);
-        }
-        // Acquire fence: pairs with the writer's Release fence after its odd stamp.
-        fence(Ordering::Acquire);
-        let s2 = slot.stamp.load(Ordering::Relaxed);
-        if s2 != want {
-            return Lookup::Lost; // overwritten while we copied
-        }
-        Lookup::Found(decode(&w))
     }
 
     /// Reads one word of every slot and tombstone, so every page of the ring is mapped. The
@@ -320,8 +142,8 @@ impl Ring {
     pub fn touch_all(&self) {
         for (slot, tomb) in self.slots.iter().zip(self.skipped.iter()) {
             // Relaxed: the values are not used.
-            core::hint::black_box(slot.stamp.load(Ordering::Relaxed));
-            core::hint::black_box(slot.words[WORDS - 1].load(Ordering::Relaxed));
+            slot.touch();
+            // Relaxed: the value is not used.
             core::hint::black_box(tomb.load(Ordering::Relaxed));
         }
     }
@@ -351,94 +173,11 @@ impl Ring {
 /// The process-wide ring that [`crate::GuardedAlloc`] records into.
 pub static RING: Ring = Ring::new();
 
-/// Tallies of a [`Cursor`]'s progress.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CursorStats {
-    /// Events handed to the callback.
-    pub read: u64,
-    /// Events that were overwritten or abandoned before this cursor reached them.
-    pub lost: u64,
-}
-
-/// A reader that walks the ring in sequence order, seeing each event at most once and counting
-/// every event it could not see. The reporter is one; a test can make its own.
-pub struct Cursor<'r> {
-    ring: &'r Ring,
-    next: u64,
-    stats: CursorStats,
-    pending_since: Option<(u64, u64)>,
-}
-
-/// How long a sequence number may stay pending (taken but never published) before a cursor
-/// counts it as lost: only a writer frozen between two instructions can cause it.
-const PENDING_GIVE_UP_NS: u64 = 2_000_000_000;
-
-impl<'r> Cursor<'r> {
-    /// A cursor that starts at the oldest event still in `ring` (`from_start`) or at the next
-    /// event to be recorded.
-    pub fn new(ring: &'r Ring, from_start: bool) -> Self {
-        let head = ring.recorded();
-        let next = if from_start { 0 } else { head };
-        Cursor {
-            ring,
-            next,
-            stats: CursorStats::default(),
-            pending_since: None,
-        }
-    }
-
-    /// Hands every newly readable event to `f`, in sequence order; stops at the first pending
-    /// one. Returns the running tallies.
-    pub fn poll(&mut self, mut f: impl FnMut(&RawEvent)) -> CursorStats {
-        let head = self.ring.recorded();
-        // Everything older than the ring's window is gone: count it in one step.
-        let oldest = head.saturating_sub(CAPACITY as u64);
-        if self.next < oldest {
-            self.stats.lost += oldest - self.next;
-            self.next = oldest;
-        }
-        while self.next < head {
-            match self.ring.lookup(self.next) {
-                Lookup::Found(ev) => {
-                    f(&ev);
-                    self.stats.read += 1;
-                }
-                Lookup::Lost => self.stats.lost += 1,
-                Lookup::Pending => {
-                    let now = crate::sys::monotonic_ns();
-                    match self.pending_since {
-                        Some((seq, t)) if seq == self.next => {
-                            if now.saturating_sub(t) < PENDING_GIVE_UP_NS {
-                                break;
-                            }
-                            self.stats.lost += 1;
-                        }
-                        _ => {
-                            self.pending_since = Some((self.next, now));
-                            break;
-                        }
-                    }
-                }
-            }
-            self.next += 1;
-        }
-        self.stats
-    }
-
-    /// The sequence number this cursor will look at next.
-    pub fn position(&self) -> u64 {
-        self.next
-    }
-
-    /// Tallies so far.
-    pub fn stats(&self) -> CursorStats {
-        self.stats
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cursor::Cursor;
+    use crate::event::AllocKind;
 
     fn ev(size: u64, ts: u64) -> RawEvent {
         let mut e = RawEvent::EMPTY;
@@ -489,7 +228,7 @@ mod tests {
         let ring = Box::new(Ring::new());
         // Simulate a writer stuck mid-write on slot 0 for seq 0.
         ring.head.store(1, Ordering::Relaxed);
-        ring.slots[0].stamp.store(1, Ordering::Relaxed);
+        ring.slots[0].force_stamp(1);
         ring.head.store(CAPACITY as u64, Ordering::Relaxed);
         let seq = ring.push(&ev(9, 9)); // seq = CAPACITY -> slot 0, busy -> gives up
         assert_eq!(seq, CAPACITY as u64);

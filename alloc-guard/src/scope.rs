@@ -6,12 +6,10 @@
 //! see each other's allocations. Symbolization happens after `body` returns, outside the
 //! allocator.
 
-use crate::record::{self, SCOPE_MIN};
-use crate::ring::{RawEvent, MAX_FRAMES};
+use crate::event::{RawEvent, MAX_FRAMES};
 use crate::symbolize::Symbolizer;
+use crate::threshold;
 use core::cell::{Cell, UnsafeCell};
-use core::sync::atomic::Ordering;
-use std::collections::BTreeMap;
 
 /// Offending allocations kept per scope with their backtraces; later ones are only counted.
 const HITS_KEPT: usize = 16;
@@ -38,20 +36,6 @@ struct ScopeRecord {
 thread_local! {
     /// The innermost active scope on this thread. Const-initialised raw pointer, no destructor.
     static ACTIVE: Cell<*const ScopeRecord> = const { Cell::new(core::ptr::null()) };
-}
-
-/// Active scope limits across all threads (a multiset), guarded by a lock that the allocator
-/// never takes: only scope entry and exit and `set_threshold` do.
-static SCOPES: parking_lot::Mutex<BTreeMap<usize, usize>> =
-    parking_lot::Mutex::new(BTreeMap::new());
-
-/// Runs `f` with the scope-limit registry locked, then republishes the threshold.
-pub(crate) fn with_registry(f: impl FnOnce(&mut BTreeMap<usize, usize>)) {
-    let mut scopes = SCOPES.lock();
-    f(&mut scopes);
-    let min = scopes.keys().next().copied().unwrap_or(usize::MAX);
-    SCOPE_MIN.store(min, Ordering::Relaxed);
-    record::publish_threshold();
 }
 
 /// True when an allocation of `size` on this thread falls into an active scope.
@@ -109,15 +93,7 @@ struct ActiveGuard<'a> {
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         let _ = ACTIVE.try_with(|a| a.set(self.rec.outer));
-        let limit = self.rec.limit;
-        with_registry(|m| {
-            if let Some(c) = m.get_mut(&limit) {
-                *c -= 1;
-                if *c == 0 {
-                    m.remove(&limit);
-                }
-            }
-        });
+        threshold::remove_scope_limit(self.rec.limit);
     }
 }
 
@@ -151,7 +127,7 @@ pub fn assert_no_large_allocs<R>(limit_bytes: usize, body: impl FnOnce() -> R) -
         );
     }
     let limit = limit_bytes.max(1);
-    record::wait_init();
+    threshold::wait_init();
     let rec = Box::new(ScopeRecord {
         limit,
         outer: ACTIVE.with(|a| a.get()),
@@ -166,7 +142,7 @@ pub fn assert_no_large_allocs<R>(limit_bytes: usize, body: impl FnOnce() -> R) -
         kept: Cell::new(0),
         total: Cell::new(0),
     });
-    with_registry(|m| *m.entry(limit).or_insert(0) += 1);
+    threshold::add_scope_limit(limit);
     let out = {
         let _active = ActiveGuard { rec: &rec };
         ACTIVE.with(|a| a.set(&*rec));
@@ -183,7 +159,7 @@ pub fn assert_no_large_allocs<R>(limit_bytes: usize, body: impl FnOnce() -> R) -
     let mut sym = Symbolizer::new();
     let mut msg = format!(
         "freezetrap: {total} allocation(s) of at least {limit} bytes ({}) inside assert_no_large_allocs:",
-        crate::config::HumanBytes(limit as u64)
+        base::units::HumanBytes(limit as u64)
     );
     for h in &hits[..kept] {
         let frames = sym.resolve(&h.frames[..h.frame_count]);
@@ -194,11 +170,11 @@ pub fn assert_no_large_allocs<R>(limit_bytes: usize, body: impl FnOnce() -> R) -
             format!(
                 "realloc to {} bytes ({}) from {} bytes",
                 h.size,
-                crate::config::HumanBytes(h.size),
+                base::units::HumanBytes(h.size),
                 h.old_size
             )
         } else {
-            format!("{} bytes ({})", h.size, crate::config::HumanBytes(h.size))
+            format!("{} bytes ({})", h.size, base::units::HumanBytes(h.size))
         };
         msg.push_str(&format!("\n  {what} at {at}"));
     }

@@ -13,11 +13,10 @@
 //! own code, so a build without frame pointers shows up right there); otherwise DWARF for the
 //! rest of the process. The frame-pointer walk never reads outside the calling thread's stack:
 //! each saved frame pointer must be 8-aligned, above the previous one, and below the stack top
-//! taken from [`crate::sys::current_thread_facts`] — so a garbage `rbp` ends the walk, it cannot
+//! taken from [`crate::thread_facts::current`] — so a garbage `rbp` ends the walk, it cannot
 //! fault.
 
-use crate::config;
-use crate::ring::MAX_FRAMES;
+use crate::event::MAX_FRAMES;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 const UNDECIDED: u8 = 0;
@@ -49,17 +48,17 @@ pub fn current() -> Unwinder {
 /// Reads `FREEZETRAP_UNWIND` (`auto`, `fp`, `dwarf`). Called from the allocator's lazy
 /// initialisation, so it parses bytes and allocates nothing.
 pub(crate) fn init_from_env() {
-    let mode = match config::getenv_bytes(c"FREEZETRAP_UNWIND") {
+    let mode = match base::env::getenv_bytes(c"FREEZETRAP_UNWIND") {
         None => UNDECIDED,
         Some(v) => match v {
             b"auto" | b"" => UNDECIDED,
             b"fp" | b"frame-pointers" => FRAME_POINTERS,
             b"dwarf" => DWARF,
             _ => {
-                config::complain_malformed(
+                base::env::complain_malformed(
                     "FREEZETRAP_UNWIND",
                     v,
-                    config::ParseError::Malformed,
+                    base::parse::ParseError::Malformed,
                     "auto, fp or dwarf",
                     "using auto",
                 );
@@ -67,11 +66,7 @@ pub(crate) fn init_from_env() {
             }
         },
     };
-    let mode = if cfg!(target_arch = "x86_64") {
-        mode
-    } else {
-        DWARF
-    };
+    let mode = if FP_SUPPORTED { mode } else { DWARF };
     MODE.store(mode, Ordering::Relaxed);
 }
 
@@ -79,19 +74,23 @@ pub(crate) fn init_from_env() {
 pub fn force(u: Unwinder) {
     let m = match u {
         Unwinder::Undecided => UNDECIDED,
-        Unwinder::FramePointers if cfg!(target_arch = "x86_64") => FRAME_POINTERS,
+        Unwinder::FramePointers if FP_SUPPORTED => FRAME_POINTERS,
         _ => DWARF,
     };
     MODE.store(m, Ordering::Relaxed);
 }
 
-/// Captures up to `DEPTH` raw return addresses of the calling thread into `out`.
+/// Captures up to `depth` raw return addresses of the calling thread into `out`.
 ///
 /// `#[inline(never)]` so the frames above it are always the same few allocator frames, which the
 /// symbolizer trims by name (and so that it has a frame of its own to start the walk from).
 #[inline(never)]
-pub(crate) fn capture_frames(out: &mut [usize; MAX_FRAMES], stack_hi: usize) -> usize {
-    let depth = crate::record::DEPTH.load(Ordering::Relaxed).min(MAX_FRAMES);
+pub(crate) fn capture_frames(
+    out: &mut [usize; MAX_FRAMES],
+    depth: usize,
+    stack_hi: usize,
+) -> usize {
+    let depth = depth.clamp(1, MAX_FRAMES);
     match MODE.load(Ordering::Relaxed) {
         FRAME_POINTERS if stack_hi != 0 => fp_walk(&mut out[..depth], stack_hi),
         UNDECIDED => {
@@ -149,15 +148,17 @@ fn dwarf(out: &mut [usize]) -> usize {
     n
 }
 
-#[cfg(target_arch = "x86_64")]
+/// Whether this build can walk frame pointers (x86-64 and aarch64 Linux, where a frame is a
+/// `(saved frame pointer, return address)` pair at the frame pointer).
+const FP_SUPPORTED: bool = cfg!(all(
+    ft_linux,
+    any(target_arch = "x86_64", target_arch = "aarch64")
+));
+
+#[cfg(all(ft_linux, any(target_arch = "x86_64", target_arch = "aarch64")))]
 #[inline(always)]
 fn fp_walk(out: &mut [usize], stack_hi: usize) -> usize {
-    let (mut fp, sp): (usize, usize);
-    // SAFETY: reads two registers; no memory access.
-    unsafe {
-        core::arch::asm!("mov {}, rbp", "mov {}, rsp", out(reg) fp, out(reg) sp,
-            options(nomem, nostack, preserves_flags))
-    };
+    let (mut fp, sp) = (base::raw::frame_pointer(), base::raw::stack_pointer());
     let mut n = 0;
     let mut low = sp;
     while n < out.len() {
@@ -180,7 +181,7 @@ fn fp_walk(out: &mut [usize], stack_hi: usize) -> usize {
     n
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(all(ft_linux, any(target_arch = "x86_64", target_arch = "aarch64"))))]
 fn fp_walk(_out: &mut [usize], _stack_hi: usize) -> usize {
     0
 }
@@ -202,9 +203,9 @@ mod tests {
     }
 
     #[test]
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(ft_linux, any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn this_crate_is_built_with_frame_pointers_and_both_unwinders_agree() {
-        let facts = crate::sys::current_thread_facts();
+        let facts = crate::thread_facts::current();
         assert_ne!(facts.stack_hi, 0);
         let mut dw = [0usize; MAX_FRAMES];
         let mut fp = [0usize; MAX_FRAMES];

@@ -5,9 +5,8 @@
 //! default (or, for `FREEZETRAP_STALL`, the watchdog stays off). All duration arithmetic
 //! saturates.
 
-use alloc_guard::config::{
-    complain_malformed, parse_duration_in, parse_size_at_least, parse_uint_in, EnvVar, ParseError,
-};
+use base::env::{complain_malformed, EnvVar};
+use base::parse::{parse_duration_in, parse_size_at_least, parse_uint_in, ParseError};
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -13,7 +13,7 @@ use crate::heartbeat::{slot_name, ACTIVE, HIGH_WATER, MAX_HEARTBEATS, SLOTS};
 use crate::stall::{Scope, StallRecord};
 use crate::trigger::{CaptureStatus, Trigger, TriggerEvent};
 use crate::{Shared, WatchdogConfig};
-use alloc_guard::sys::monotonic_ns;
+use base::clock::monotonic_ns;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -87,7 +87,7 @@ fn prefault_stack() {
 impl Detector {
     /// Thread entry: moves to a fork-proof stack region, then runs the loop there.
     pub(crate) fn start(self) {
-        alloc_guard::mark_current_thread_internal();
+        alloc_guard::internal::mark_current_thread_internal();
         crate::forksafe::unregister_rseq();
         let ((), marked) = run_on_protected_stack(move || self.run());
         if let Err(e) = marked {
@@ -99,8 +99,8 @@ impl Detector {
         prefault_stack();
         // Everything the loop writes lives in fork-proof memory: this state block, the records,
         // and this thread's (marked) stack. Pages it only reads are mapped now.
-        alloc_guard::RING.touch_all();
-        alloc_guard::inflight::touch_all();
+        alloc_guard::internal::RING.touch_all();
+        alloc_guard::internal::touch_in_flight();
         crate::forksafe::populate_code();
         let init = |p: *mut LoopState| {
             // SAFETY: `p` is valid for writes of a LoopState (ForkSafeBox::new_with's promise).
@@ -146,7 +146,7 @@ impl Detector {
         let lookback = self.cfg.lookback.as_nanos() as u64;
         let mut deadline = monotonic_ns() + tick;
         while !self.shared.stop.load(Ordering::Acquire) {
-            crate::rawsys::sleep_until(deadline);
+            base::raw::sleep_until(deadline);
             let now = monotonic_ns();
             let late = now.saturating_sub(deadline);
             self.shared.samples.push(late);

@@ -196,7 +196,7 @@ pub fn unregister_rseq() -> bool {
         let area = (tp as isize + off) as usize;
         // The registered length is 32 (struct rseq) on current glibc; older ones used __rseq_size.
         for len in [32usize, size as usize] {
-            let r = crate::rawsys::syscall4(
+            let r = base::raw::syscall4(
                 libc::SYS_rseq,
                 area,
                 len,

@@ -97,9 +97,9 @@ impl Heartbeat {
                     );
                 }
                 slot.tid
-                    .store(alloc_guard::sys::current_tid(), Ordering::Relaxed);
+                    .store(base::thread::current_tid(), Ordering::Relaxed);
                 slot.last_ns
-                    .store(alloc_guard::sys::monotonic_ns(), Ordering::Relaxed);
+                    .store(base::clock::monotonic_ns(), Ordering::Relaxed);
                 slot.generation.fetch_add(1, Ordering::Relaxed);
                 // Release: the watchdog's Acquire load of ACTIVE sees name, tid and generation.
                 slot.state.store(ACTIVE, Ordering::Release);
@@ -116,7 +116,7 @@ impl Heartbeat {
     pub fn beat(&self) {
         self.slot
             .last_ns
-            .store(alloc_guard::sys::monotonic_ns(), Ordering::Relaxed);
+            .store(base::clock::monotonic_ns(), Ordering::Relaxed);
         if self.slot.state.load(Ordering::Relaxed) == IDLE {
             self.slot.state.store(ACTIVE, Ordering::Relaxed);
         }

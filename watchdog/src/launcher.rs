@@ -277,7 +277,7 @@ impl Launcher {
     /// Sends a request (one atomic write). Returns errno on failure (without touching the
     /// thread's errno).
     pub(crate) fn request(&self, r: &Request) -> Result<(), i32> {
-        let n = crate::rawsys::syscall3(
+        let n = base::raw::syscall3(
             libc::SYS_write,
             self.req_w.as_raw_fd() as usize,
             r as *const Request as usize,
@@ -293,10 +293,10 @@ impl Launcher {
     }
 
     /// The next answer, or news of the launcher's death. Never blocks, never touches errno
-    /// (see [`crate::rawsys`]).
+    /// (see [`base::raw`]).
     pub(crate) fn poll(&self) -> Polled {
         let fd = self.resp_r.as_raw_fd();
-        let (readable, hung_up) = crate::rawsys::poll_in(fd);
+        let (readable, hung_up) = base::raw::poll_in(fd);
         if readable {
             let mut r = Response {
                 kind: 0,
@@ -315,7 +315,7 @@ impl Launcher {
                     size_of::<Response>(),
                 )
             };
-            let n = crate::rawsys::read(fd, bytes);
+            let n = base::raw::read(fd, bytes);
             if n == size_of::<Response>() as isize {
                 return Polled::Answer(r);
             }
@@ -347,7 +347,7 @@ struct Plan<'a> {
 /// Writes the decimal digits of `v` into `out`, NUL-terminated.
 fn put_digits(v: u64, out: &mut [u8; 24]) {
     let mut tmp = [0u8; 20];
-    let d = alloc_guard::config::digits(v, &mut tmp);
+    let d = base::units::digits(v, &mut tmp);
     out[..d.len()].copy_from_slice(d);
     out[d.len()] = 0;
 }
@@ -359,7 +359,7 @@ fn reply(r: Response) {
 }
 
 fn mono_ns() -> u64 {
-    alloc_guard::sys::monotonic_ns()
+    base::clock::monotonic_ns()
 }
 
 /// Closes every descriptor from `from` up: `close_range` (Linux 5.9), or one by one.

@@ -38,7 +38,6 @@ pub mod forksafe;
 pub mod heartbeat;
 mod launcher;
 pub mod procview;
-mod rawsys;
 mod report;
 pub mod stall;
 pub mod suspects;

@@ -2,7 +2,6 @@
 //! preallocated buffers with raw syscalls: no allocation and no `/proc/self/maps` (which can
 //! block on the very `mmap_lock` a freeze is stuck on; these files do not take it).
 
-use crate::rawsys;
 use serde::Serialize;
 
 /// Threads recorded per snapshot; more are counted in [`ProcSnapshot::omitted`].
@@ -37,7 +36,7 @@ impl ThreadView {
 
     /// Thread name (`comm`).
     pub fn name(&self) -> &str {
-        alloc_guard::sys::name_str(&self.name)
+        base::thread::name_str(&self.name)
     }
     /// Kernel function the thread sleeps in, or "" (`0` is shown as "").
     pub fn wchan(&self) -> &str {
@@ -121,11 +120,11 @@ impl ProcSnapshot {
 
     /// Decides once whether kernel stacks are readable here (call before any stall).
     pub fn check_access(&mut self) {
-        let fd = rawsys::open(b"/proc/self/stack\0", libc::O_RDONLY | libc::O_CLOEXEC);
+        let fd = base::raw::open(b"/proc/self/stack\0", libc::O_RDONLY | libc::O_CLOEXEC);
         self.stacks_readable = fd >= 0 && {
             let mut b = [0u8; 64];
-            let ok = rawsys::read(fd as libc::c_int, &mut b) > 0;
-            rawsys::close(fd as libc::c_int);
+            let ok = base::raw::read(fd as libc::c_int, &mut b) > 0;
+            base::raw::close(fd as libc::c_int);
             ok
         };
     }
@@ -134,8 +133,8 @@ impl ProcSnapshot {
     pub fn take(&mut self) {
         self.len = 0;
         self.omitted = 0;
-        self.taken_ns = alloc_guard::sys::monotonic_ns();
-        let dir = rawsys::open(
+        self.taken_ns = base::clock::monotonic_ns();
+        let dir = base::raw::open(
             b"/proc/self/task\0",
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
         );
@@ -145,7 +144,7 @@ impl ProcSnapshot {
         let dir = dir as libc::c_int;
         let mut buf = [0u8; 4096];
         loop {
-            let n = rawsys::getdents64(dir, &mut buf);
+            let n = base::raw::getdents64(dir, &mut buf);
             if n <= 0 {
                 break;
             }
@@ -164,7 +163,7 @@ impl ProcSnapshot {
                 off += reclen;
             }
         }
-        rawsys::close(dir);
+        base::raw::close(dir);
     }
 
     fn add(&mut self, tid: u64) {
@@ -196,7 +195,7 @@ impl ProcSnapshot {
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
-    // (The inverse, integer to digits without allocating, is `alloc_guard::config::digits`.)
+    // (The inverse, integer to digits without allocating, is `base::units::digits`.)
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -217,24 +216,24 @@ fn read_task_file(tid: u64, file: &[u8], out: &mut [u8]) -> usize {
     };
     push(b"/proc/self/task/");
     let mut digits = [0u8; 20];
-    push(alloc_guard::config::digits(tid, &mut digits));
+    push(base::units::digits(tid, &mut digits));
     push(b"/");
     push(file);
     // `path` is zero-initialised and at most 63 bytes are written, so it is NUL-terminated.
-    let fd = rawsys::open(&path[..len + 1], libc::O_RDONLY | libc::O_CLOEXEC);
+    let fd = base::raw::open(&path[..len + 1], libc::O_RDONLY | libc::O_CLOEXEC);
     if fd < 0 {
         return 0;
     }
     let fd = fd as libc::c_int;
     let mut total = 0;
     while total < out.len() {
-        let n = rawsys::read(fd, &mut out[total..]);
+        let n = base::raw::read(fd, &mut out[total..]);
         if n <= 0 {
             break;
         }
         total += n as usize;
     }
-    rawsys::close(fd);
+    base::raw::close(fd);
     // Drop a trailing newline.
     while total > 0 && out[total - 1] == b'\n' {
         total -= 1;
@@ -253,7 +252,7 @@ mod tests {
             .spawn(|| {
                 let mut snap = ProcSnapshot::new_boxed();
                 snap.take();
-                let me = alloc_guard::sys::current_tid();
+                let me = base::thread::current_tid();
                 let t = snap
                     .threads()
                     .iter()

@@ -6,9 +6,9 @@ use crate::forksafe::ForkSafeBox;
 use crate::stall::{Scope, StallRecord};
 use crate::suspects::rank;
 use crate::trigger::CaptureStatus;
-use alloc_guard::config::{HumanBytes, HumanNanos};
 use alloc_guard::symbolize::{first_user_frame, Frame, Symbolizer};
 use alloc_guard::ReportWriter;
+use base::units::{HumanBytes, HumanNanos};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use std::sync::Arc;
@@ -142,7 +142,7 @@ pub(crate) struct HelperInfo {
     /// The helper's path, for the report.
     pub helper: String,
     /// `FREEZETRAP_OUT`, opened: the byte cap works through it.
-    pub out: Arc<alloc_guard::dirs::Dir>,
+    pub out: Arc<base::dirs::Dir>,
     /// `FREEZETRAP_CAPTURE_MAX_BYTES`.
     pub max_bytes: u64,
     /// What a new launcher is started from.
@@ -157,7 +157,7 @@ pub(crate) fn run(
     writer: Arc<ReportWriter>,
     helper: Option<HelperInfo>,
 ) {
-    alloc_guard::mark_current_thread_internal();
+    alloc_guard::internal::mark_current_thread_internal();
     let mut sym = Symbolizer::new();
     for msg in rx {
         match msg {

@@ -4,7 +4,7 @@
 use crate::forksafe::ForkSafeBox;
 use crate::procview::ProcSnapshot;
 use crate::trigger::CaptureStatus;
-use alloc_guard::RawEvent;
+use alloc_guard::internal::RawEvent;
 
 /// In-flight allocations kept per stall.
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -83,9 +83,10 @@ impl StallRecord {
 
     /// Collects suspects and the kernel view, at detection. No allocation.
     pub(crate) fn collect(&mut self, lookback_ns: u64) {
-        self.in_flight_len = alloc_guard::inflight::in_flight(&mut self.in_flight);
+        self.in_flight_len = alloc_guard::internal::in_flight(&mut self.in_flight);
         let from = self.start_ns.saturating_sub(lookback_ns);
-        self.recent_len = alloc_guard::RING.events_between(from, u64::MAX, &mut self.recent);
+        self.recent_len =
+            alloc_guard::internal::RING.events_between(from, u64::MAX, &mut self.recent);
         self.procs.take();
     }
 }

@@ -1,6 +1,6 @@
 //! Which large allocations explain a stall: pure ranking, testable without a kernel.
 
-use alloc_guard::RawEvent;
+use alloc_guard::internal::RawEvent;
 
 /// A candidate allocation and how it relates to the stall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

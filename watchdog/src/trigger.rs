@@ -12,8 +12,8 @@ use crate::launcher::{
     LaunchSpec, Launcher, Polled, Request, EXITED, FAILED_DIR, FAILED_SPAWN, MAX_NAME,
     MAX_OUT_PATH, SPAWNED,
 };
-use alloc_guard::config::digits;
-use alloc_guard::dirs::{self, Dir, Owners};
+use base::dirs::{self, Dir, Owners};
+use base::units::digits;
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -191,7 +191,7 @@ fn random_u64() -> u64 {
     if n == 8 {
         v
     } else {
-        alloc_guard::sys::monotonic_ns() ^ (u64::from(std::process::id()) << 32)
+        base::clock::monotonic_ns() ^ (u64::from(std::process::id()) << 32)
     }
 }
 

@@ -138,7 +138,7 @@ fn parse_duration(s: &str, allow_zero: bool) -> Result<Duration, String> {
         }
         return Ok(Duration::from_secs(secs));
     }
-    alloc_guard::config::parse_duration_ns(t.as_bytes())
+    base::parse::parse_duration_ns(t.as_bytes())
         .map(Duration::from_nanos)
         .map_err(|e| format!("{e}: expected e.g. 250ms, 10s or 2m"))
 }
@@ -183,7 +183,7 @@ fn after_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn byte_cap(s: &str) -> Result<u64, String> {
-    alloc_guard::config::parse_size_at_least(s.as_bytes(), 1 << 20)
+    base::parse::parse_size_at_least(s.as_bytes(), 1 << 20)
         .map(|v| v as u64)
         .map_err(|e| format!("{e}: expected a size of at least 1MiB, e.g. 1GiB"))
 }

@@ -3,7 +3,7 @@
 //! beneath a directory handle that was checked when it was opened.
 
 use super::{folded, Maps};
-use alloc_guard::dirs::Dir;
+use base::dirs::Dir;
 use serde::Serialize;
 
 /// What [`write_capture`] wrote.

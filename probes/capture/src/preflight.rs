@@ -72,7 +72,7 @@ pub fn bpftrace(explicit: Option<&Path>) -> Result<PathBuf, Refusal> {
             )),
         };
     let found = std::path::absolute(&found).unwrap_or(found);
-    match alloc_guard::dirs::open_executable(&found, alloc_guard::dirs::Owners::ROOT) {
+    match base::dirs::open_executable(&found, base::dirs::Owners::ROOT) {
         Ok(exe) => Ok(exe.path),
         Err(why) => Err(Refusal::new(
             EXIT_NO_BPFTRACE,
@@ -221,16 +221,14 @@ fn field_offset_in(format: &str, name: &str) -> Option<u64> {
 /// writes there, so it must be owned by root and not writable by group or others, and so must
 /// every directory above it (a root-owned sticky directory such as `/tmp` excepted); it must
 /// not be a symbolic link. Everything is then written beneath that handle, exclusively.
-pub fn out_dir(dir: &Path) -> Result<alloc_guard::dirs::Dir, Refusal> {
+pub fn out_dir(dir: &Path) -> Result<base::dirs::Dir, Refusal> {
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    alloc_guard::dirs::Dir::open_trusted(&abs, alloc_guard::dirs::Owners::ROOT, true).map_err(
-        |why| {
-            Refusal::new(
-                EXIT_OUT_NOT_WRITABLE,
-                format!("output directory {} is refused: {why}", dir.display()),
-            )
-        },
-    )
+    base::dirs::Dir::open_trusted(&abs, base::dirs::Owners::ROOT, true).map_err(|why| {
+        Refusal::new(
+            EXIT_OUT_NOT_WRITABLE,
+            format!("output directory {} is refused: {why}", dir.display()),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use super::{Ready, StallSeen, TimelineRow, BUCKET_MS};
 use crate::output::write_capture;
 use crate::{human, summarize, Summary};
-use alloc_guard::dirs::Dir;
+use base::dirs::Dir;
 use serde::Serialize;
 use std::ffi::{OsStr, OsString};
 

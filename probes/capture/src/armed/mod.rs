@@ -39,7 +39,7 @@ pub use window::{parse_line, Event, Ready, StallSeen, TimelineRow, Window};
 use crate::cli::ArmArgs;
 use crate::preflight::{self, Refusal};
 use crate::symbols::TargetSymbols;
-use alloc_guard::dirs::Dir;
+use base::dirs::Dir;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};

@@ -1,59 +1,8 @@
-//! The few system facts the slow path needs, each one syscall or vDSO call (or a per-thread
-//! cached copy of one) and no allocation.
+//! What the slow path needs to know about the calling thread, cached per thread and re-read
+//! after `fork()`: its kernel id and name, and the top of its stack (the bound that keeps a
+//! frame-pointer walk inside the stack).
 
-/// Nanoseconds on `CLOCK_MONOTONIC`: the clock every freezetrap timestamp (`ts_ns`, `start_ns`)
-/// uses, so alloc-guard events and watchdog stalls can be compared directly.
-#[inline]
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux, so the
-    // call cannot fail and goes through the vDSO (no syscall, no allocation, no lock).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec as u64)
-}
-
-/// The kernel thread id of the calling thread (what `/proc/self/task/TID` and bpftrace's `tid`
-/// show).
-///
-/// Not cached in a thread-local on purpose: a cached id would be wrong in the child after
-/// `fork()`, and this is only called on the slow path.
-#[inline]
-pub fn current_tid() -> u64 {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as u64 }
-}
-
-/// The calling thread's kernel name (`comm`, at most 15 bytes, NUL-padded). Rust's
-/// `thread::Builder::name` sets it, so this is the thread name without touching
-/// `std::thread::current()`, which may allocate.
-#[inline]
-pub fn current_thread_name() -> [u8; 16] {
-    let mut name = [0u8; 16];
-    // SAFETY: PR_GET_NAME writes at most 16 bytes (including the NUL) into the buffer we pass,
-    // which is exactly 16 bytes long.
-    unsafe {
-        libc::prctl(
-            libc::PR_GET_NAME,
-            name.as_mut_ptr() as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    name
-}
-
-/// The text of a NUL-padded thread name.
-pub fn name_str(name: &[u8; 16]) -> &str {
-    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    core::str::from_utf8(&name[..end]).unwrap_or("?")
-}
-
+use base::thread::{current_thread_name, current_tid};
 use core::cell::Cell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -76,15 +25,15 @@ pub(crate) fn register_fork_handler() {
 
 /// What the slow path needs to know about the calling thread.
 #[derive(Clone, Copy)]
-pub struct ThreadFacts {
+pub(crate) struct ThreadFacts {
     generation: u64,
     /// Kernel thread id.
-    pub tid: u64,
+    pub(crate) tid: u64,
     /// Kernel thread name, NUL-padded.
-    pub name: [u8; 16],
+    pub(crate) name: [u8; 16],
     /// One past the highest address of this thread's stack (0 = unknown): the bound that keeps
     /// a frame-pointer walk from reading outside the stack.
-    pub stack_hi: usize,
+    pub(crate) stack_hi: usize,
 }
 
 thread_local! {
@@ -94,6 +43,7 @@ thread_local! {
         const { Cell::new(ThreadFacts { generation: 0, tid: 0, name: [0; 16], stack_hi: 0 }) };
 }
 
+#[cfg(ft_linux)]
 extern "C" {
     /// glibc: the top of the initial thread's stack (where argv and the environment live).
     static __libc_stack_end: *mut libc::c_void;
@@ -114,6 +64,12 @@ extern "C" {
 /// (a bound taken from the wrong stack would let a frame-pointer walk read unmapped memory).
 /// The initial thread's stack lies within `RLIMIT_STACK` below `__libc_stack_end`; thread stacks
 /// are mappings of their own, at least that far away.
+#[cfg(not(ft_linux))]
+fn stack_top() -> usize {
+    0 // unknown: the frame-pointer walk is off, backtraces use DWARF
+}
+
+#[cfg(ft_linux)]
 fn stack_top() -> usize {
     let marker = 0u8;
     let sp = core::hint::black_box(&marker) as *const u8 as usize;
@@ -153,11 +109,11 @@ fn stack_top() -> usize {
 }
 
 /// The calling thread's kernel id, name and stack top, cached per thread and re-read after
-/// `fork()`.
+/// `fork()` (the only reader: the slow path).
 ///
 /// The name is the one the thread had at its first oversized allocation: Rust names threads
 /// before running their code, so only a later `prctl(PR_SET_NAME)` would make it stale.
-pub fn current_thread_facts() -> ThreadFacts {
+pub(crate) fn current() -> ThreadFacts {
     let generation = FORK_GENERATION.load(Ordering::Relaxed);
     let cached = FACTS.try_with(|f| f.get()).ok();
     match cached {

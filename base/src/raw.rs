@@ -1,4 +1,6 @@
-//! System calls for the detection path that never touch `errno`.
+//! System calls for the detection path that never touch `errno`: the one module with
+//! architecture-specific code (x86-64 `syscall` instructions; other architectures go through
+//! libc's `syscall`, which does set `errno` on failure).
 //!
 //! glibc's wrappers store a failing call's error in `errno`, a thread-local that lives in the
 //! thread descriptor page at the top of the thread's stack mapping. That page cannot be kept
@@ -9,7 +11,7 @@
 /// `syscall(n, a, b, c)`; returns the kernel's result (negative errno on failure).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+pub fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
     let ret: isize;
     // SAFETY: the Linux x86-64 syscall ABI: number in rax, arguments in rdi/rsi/rdx, result in
     // rax; the instruction clobbers rcx and r11. Callers pass valid pointers for the call.
@@ -24,7 +26,7 @@ pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
 /// `clock_nanosleep` is a cancellation point and writes the thread descriptor's cancel state
 /// on every call, a store into the same fork-protected page as errno.
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn sleep_until(deadline_ns: u64) {
+pub fn sleep_until(deadline_ns: u64) {
     let ts = libc::timespec {
         tv_sec: (deadline_ns / 1_000_000_000) as _,
         tv_nsec: (deadline_ns % 1_000_000_000) as _,
@@ -42,7 +44,7 @@ pub(crate) fn sleep_until(deadline_ns: u64) {
 
 /// Portable fallback.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn sleep_until(deadline_ns: u64) {
+pub fn sleep_until(deadline_ns: u64) {
     let ts = libc::timespec {
         tv_sec: (deadline_ns / 1_000_000_000) as _,
         tv_nsec: (deadline_ns % 1_000_000_000) as _,
@@ -60,7 +62,7 @@ pub(crate) fn sleep_until(deadline_ns: u64) {
 
 /// `syscall(n, a, b, c, d)`; returns the kernel's result (negative errno on failure).
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn syscall4(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
+pub fn syscall4(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
     let ret: isize;
     // SAFETY: as `syscall3`; the fourth argument goes in r10.
     unsafe {
@@ -72,7 +74,7 @@ pub(crate) fn syscall4(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) 
 
 /// `syscall(n, a, b, c, d, e)`; returns the kernel's result (negative errno on failure).
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> isize {
+pub fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> isize {
     let ret: isize;
     // SAFETY: as `syscall3`; the fourth and fifth arguments go in r10 and r8.
     unsafe {
@@ -84,7 +86,13 @@ pub(crate) fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, 
 
 /// Portable fallback (touches errno on failure).
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> isize {
+pub fn syscall4(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
+    syscall5(n, a, b, c, d, 0)
+}
+
+/// Portable fallback (touches errno on failure).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> isize {
     // SAFETY: forwards to libc's generic syscall wrapper.
     let r = unsafe { libc::syscall(n, a, b, c, d, e) } as isize;
     if r < 0 {
@@ -96,7 +104,7 @@ pub(crate) fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, 
 
 /// Portable fallback (touches errno on failure).
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+pub fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
     // SAFETY: forwards to libc's generic syscall wrapper.
     let r = unsafe { libc::syscall(n, a, b, c) } as isize;
     if r < 0 {
@@ -106,8 +114,77 @@ pub(crate) fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
     }
 }
 
+/// The stack pointer of the caller.
+#[inline(always)]
+pub fn stack_pointer() -> usize {
+    let sp: usize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: reads one register; no memory access.
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: reads one register; no memory access.
+    unsafe {
+        core::arch::asm!("mov {}, sp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let marker = 0u8;
+        sp = core::hint::black_box(&marker) as *const u8 as usize;
+    }
+    sp
+}
+
+/// The frame pointer of the caller (`rbp`, `x29`), or 0 where frame-pointer walking is not
+/// supported. Meaningful only in code built with frame pointers.
+#[inline(always)]
+pub fn frame_pointer() -> usize {
+    #[allow(unused_assignments)]
+    let mut fp: usize = 0;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: reads one register; no memory access.
+    unsafe {
+        core::arch::asm!("mov {}, rbp", out(reg) fp, options(nomem, nostack, preserves_flags))
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: reads one register; no memory access.
+    unsafe {
+        core::arch::asm!("mov {}, x29", out(reg) fp, options(nomem, nostack, preserves_flags))
+    };
+    fp
+}
+
+/// The thread pointer (what glibc's `__rseq_offset` and TLS offsets are relative to), or
+/// `None` on architectures this does not know.
+#[inline]
+pub fn thread_pointer() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tp: usize;
+        // SAFETY: on x86-64 the thread pointer is stored at fs:0 (the TCB's self pointer).
+        unsafe {
+            core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags))
+        };
+        Some(tp)
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let tp: usize;
+        // SAFETY: reads the EL0 thread-ID register; no memory access.
+        unsafe {
+            core::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nomem, nostack, preserves_flags))
+        };
+        Some(tp)
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        None
+    }
+}
+
 /// `openat(AT_FDCWD, path, flags)`; `path` must be NUL-terminated.
-pub(crate) fn open(path: &[u8], flags: libc::c_int) -> isize {
+pub fn open(path: &[u8], flags: libc::c_int) -> isize {
     debug_assert_eq!(path.last(), Some(&0));
     syscall3(
         libc::SYS_openat,
@@ -118,7 +195,7 @@ pub(crate) fn open(path: &[u8], flags: libc::c_int) -> isize {
 }
 
 /// `read(fd, buf)`.
-pub(crate) fn read(fd: libc::c_int, buf: &mut [u8]) -> isize {
+pub fn read(fd: libc::c_int, buf: &mut [u8]) -> isize {
     syscall3(
         libc::SYS_read,
         fd as usize,
@@ -128,12 +205,12 @@ pub(crate) fn read(fd: libc::c_int, buf: &mut [u8]) -> isize {
 }
 
 /// `close(fd)`.
-pub(crate) fn close(fd: libc::c_int) {
+pub fn close(fd: libc::c_int) {
     syscall3(libc::SYS_close, fd as usize, 0, 0);
 }
 
 /// `getdents64(fd, buf)`.
-pub(crate) fn getdents64(fd: libc::c_int, buf: &mut [u8]) -> isize {
+pub fn getdents64(fd: libc::c_int, buf: &mut [u8]) -> isize {
     syscall3(
         libc::SYS_getdents64,
         fd as usize,
@@ -144,7 +221,7 @@ pub(crate) fn getdents64(fd: libc::c_int, buf: &mut [u8]) -> isize {
 
 /// Whether `fd` has data to read now, and whether its other end hung up (`ppoll` with a zero
 /// timeout: `poll` itself does not exist on every architecture).
-pub(crate) fn poll_in(fd: libc::c_int) -> (bool, bool) {
+pub fn poll_in(fd: libc::c_int) -> (bool, bool) {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
