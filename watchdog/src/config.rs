@@ -28,6 +28,8 @@ pub mod limits {
     pub const GRACE_NS: (u64, u64) = (MS, 600 * SEC);
     /// `FREEZETRAP_CAPTURE_COOLDOWN`: 1 ms to 24 h.
     pub const COOLDOWN_NS: (u64, u64) = (MS, 24 * 3600 * SEC);
+    /// `FREEZETRAP_CAPTURE_MAX_PER_HOUR`: 1 to this.
+    pub const MAX_PER_HOUR: usize = 1000;
     /// `FREEZETRAP_CAPTURE_MAX_BYTES`: at least 1 MiB.
     pub const MIN_CAPTURE_BYTES: usize = 1 << 20;
 }
@@ -186,7 +188,7 @@ impl WatchdogConfig {
             )?;
             within("the capture grace", c.grace, limits::GRACE_NS)?;
             within("the capture cooldown", c.cooldown, limits::COOLDOWN_NS)?;
-            if !(1..=crate::trigger::MAX_PER_HOUR as u32).contains(&c.max_per_hour) {
+            if !(1..=limits::MAX_PER_HOUR as u32).contains(&c.max_per_hour) {
                 return Err(format!(
                     "the hourly cap {} is outside 1..=1000",
                     c.max_per_hour
@@ -269,7 +271,7 @@ impl WatchdogConfig {
             c.cooldown = d;
         }
         if let Some(v) = env_text("FREEZETRAP_CAPTURE_MAX_PER_HOUR", "using 10") {
-            match parse_uint_in(v.as_bytes(), 1, crate::trigger::MAX_PER_HOUR as u64) {
+            match parse_uint_in(v.as_bytes(), 1, limits::MAX_PER_HOUR as u64) {
                 Ok(n) => c.max_per_hour = n as u32,
                 Err(e) => complain_malformed(
                     "FREEZETRAP_CAPTURE_MAX_PER_HOUR",

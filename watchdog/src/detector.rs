@@ -10,9 +10,10 @@
 
 use crate::forksafe::{run_on_protected_stack, ForkSafeBox};
 use crate::heartbeat::{slot_name, ACTIVE, HIGH_WATER, MAX_HEARTBEATS, SLOTS};
+use crate::running::{Shared, POOL};
 use crate::stall::{Scope, StallRecord};
 use crate::trigger::{CaptureStatus, Trigger, TriggerEvent};
-use crate::{Shared, WatchdogConfig};
+use crate::WatchdogConfig;
 use base::clock::monotonic_ns;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::Ordering;
@@ -51,7 +52,7 @@ struct Watched {
 struct LoopState {
     watched: [Watched; MAX_HEARTBEATS],
     open: [Option<ForkSafeBox<StallRecord>>; MAX_HEARTBEATS],
-    pool: [Option<ForkSafeBox<StallRecord>>; crate::POOL],
+    pool: [Option<ForkSafeBox<StallRecord>>; POOL],
     trigger: Option<Trigger>,
     next_id: u64,
     /// A new launcher was asked for at this time (0 = not asked).
@@ -108,7 +109,7 @@ impl Detector {
                 p.write(LoopState {
                     watched: [Watched::default(); MAX_HEARTBEATS],
                     open: [const { None }; MAX_HEARTBEATS],
-                    pool: [const { None }; crate::POOL],
+                    pool: [const { None }; POOL],
                     trigger: None,
                     next_id: 1,
                     restart_asked_ns: 0,
@@ -133,200 +134,272 @@ impl Detector {
             rec.collect(self.cfg.lookback.as_nanos() as u64);
         }
         st.next_id = self.next_id;
-        let LoopState {
-            watched,
-            open,
-            pool,
-            trigger,
-            next_id,
-            restart_asked_ns,
-        } = &mut *st;
-        let tick = self.cfg.tick.as_nanos() as u64;
-        let threshold = self.cfg.threshold.as_nanos() as u64;
-        let lookback = self.cfg.lookback.as_nanos() as u64;
-        let mut deadline = monotonic_ns() + tick;
+        let mut tick = Tick {
+            st: &mut st,
+            out: &self.out,
+            returned: &self.returned,
+            launchers: &self.launchers,
+            shared: &self.shared,
+            threshold: ns(self.cfg.threshold),
+            lookback: ns(self.cfg.lookback),
+        };
+        let period = ns(self.cfg.tick);
+        let mut deadline = monotonic_ns().saturating_add(period);
         while !self.shared.stop.load(Ordering::Acquire) {
             base::raw::sleep_until(deadline);
             let now = monotonic_ns();
             let late = now.saturating_sub(deadline);
             self.shared.samples.push(late);
-            // Take back records the report thread is done with, but not while a stall is open
-            // (receiving writes the channel's heap memory, which a concurrent fork could freeze).
-            if open.iter().all(Option::is_none) {
-                while let Ok(rec) = self.returned.try_recv() {
-                    if let Some(slot) = pool.iter_mut().find(|s| s.is_none()) {
-                        *slot = Some(rec);
-                    }
-                }
+            tick.take_back_records();
+            if late >= tick.threshold {
+                tick.process_stall(deadline, now, late);
             }
-
-            if late >= threshold {
-                // Everything, this thread included, was frozen: a process stall, seen after it
-                // ended. Heartbeats did not move for the same reason: restart their clocks.
-                let id = *next_id;
-                *next_id += 1;
-                probes::stall_begin(id, 0, late);
-                probes::stall_end(id, late);
-                match pool.iter_mut().find_map(Option::take) {
-                    Some(mut rec) => {
-                        rec.id = id;
-                        rec.scope = Scope::Process;
-                        rec.thread_id = 0;
-                        rec.thread_name = [0; 32];
-                        rec.start_ns = deadline;
-                        rec.detected_ns = now;
-                        rec.duration_ns = late;
-                        rec.capture = CaptureStatus::NotConfigured;
-                        rec.capture_spawned_ns = 0;
-                        rec.collect(lookback);
-                        let _ = self.out.try_send(Msg::Stall(rec));
-                    }
-                    None => {
-                        let _ = self.out.try_send(Msg::Dropped { stall_id: id });
-                    }
-                }
-                for w in watched.iter_mut() {
-                    w.floor_ns = now;
-                }
-            }
-
-            let high = HIGH_WATER.load(Ordering::Relaxed);
-            for (i, slot) in SLOTS[..high].iter().enumerate() {
-                let w = &mut watched[i];
-                // Acquire: pairs with the Release in Heartbeat::try_new (name, tid, generation).
-                let state = slot.state.load(Ordering::Acquire);
-                let generation = slot.generation.load(Ordering::Relaxed);
-                if state == crate::heartbeat::FREE || generation != w.generation {
-                    if let Some(rec) = open[i].take() {
-                        end_stall(&self.out, trigger.as_ref(), rec, now); // unregistered while stalled
-                    }
-                    if let Some((id, start, _)) = w.stall.take() {
-                        probes::stall_end(id, now.saturating_sub(start));
-                    }
-                    *w = Watched {
-                        generation,
-                        floor_ns: 0,
-                        stall: None,
-                    };
-                    continue;
-                }
-                let last = slot.last_ns.load(Ordering::Relaxed).max(w.floor_ns);
-                if let Some((id, start, detected)) = w.stall {
-                    // Progress (or an announced idle wait) ends the stall; it lasted until the
-                    // first beat after it began.
-                    let progressed = last > start;
-                    if progressed || state != ACTIVE {
-                        // A beat that read the clock before the stall but stored after it (the
-                        // thread froze inside `beat`) must not shorten the stall below what was
-                        // already observed at detection.
-                        let end = if progressed { last.max(detected) } else { now };
-                        match open[i].take() {
-                            Some(mut rec) => {
-                                rec.duration_ns = end.saturating_sub(rec.start_ns);
-                                end_stall(&self.out, trigger.as_ref(), rec, now);
-                            }
-                            None => probes::stall_end(id, end.saturating_sub(start)),
-                        }
-                        w.stall = None;
-                    }
-                    continue;
-                }
-                if state != ACTIVE {
-                    continue;
-                }
-                let age = now.saturating_sub(last);
-                if age >= threshold {
-                    let id = *next_id;
-                    *next_id += 1;
-                    let tid = slot.tid.load(Ordering::Relaxed);
-                    probes::stall_begin(id, tid, age);
-                    w.stall = Some((id, last, now));
-                    let capture = match trigger.as_mut() {
-                        Some(t) => t.fire(id, tid, now),
-                        None => CaptureStatus::NotConfigured,
-                    };
-                    match pool.iter_mut().find_map(Option::take) {
-                        Some(mut rec) => {
-                            rec.id = id;
-                            rec.scope = Scope::Thread;
-                            rec.thread_id = tid;
-                            rec.thread_name = slot_name(slot);
-                            rec.start_ns = last;
-                            rec.detected_ns = now;
-                            rec.duration_ns = 0;
-                            rec.capture = capture;
-                            rec.capture_spawned_ns = 0;
-                            rec.collect(lookback);
-                            open[i] = Some(rec);
-                        }
-                        None => {
-                            let _ = self.out.try_send(Msg::Dropped { stall_id: id });
-                        }
-                    }
-                }
-            }
-
-            if let Some(t) = trigger.as_mut() {
-                match t.poll() {
-                    Some(TriggerEvent::Spawned { stall_id, mono_ns }) => {
-                        if let Some(rec) = open.iter_mut().flatten().find(|r| r.id == stall_id) {
-                            rec.capture_spawned_ns = mono_ns;
-                        }
-                    }
-                    Some(TriggerEvent::Finished {
-                        stall_id,
-                        status,
-                        spawned_ns,
-                    }) => {
-                        match open.iter_mut().flatten().find(|r| r.id == stall_id) {
-                            Some(rec) => {
-                                // The stall is still going: this goes into its report.
-                                rec.capture = status;
-                                rec.capture_spawned_ns = spawned_ns;
-                            }
-                            None => {
-                                let dir = t.last_dir();
-                                let _ = self.out.try_send(Msg::CaptureDone {
-                                    stall_id,
-                                    status,
-                                    dir,
-                                    spawned_ns,
-                                });
-                            }
-                        }
-                    }
-                    Some(TriggerEvent::LauncherDied) | None => {}
-                }
-                if !t.has_launcher() {
-                    // Relaxed: a monitoring value (fork-proof memory, like all we write here).
-                    self.shared.launcher_pid.store(0, Ordering::Relaxed);
-                }
-                // A dead launcher is replaced once no stall is open (the report thread forks
-                // the service for it), at most once a minute.
-                if !t.has_launcher() && open.iter().all(Option::is_none) {
-                    let ask = *restart_asked_ns == 0
-                        || now.saturating_sub(*restart_asked_ns) > 60_000_000_000;
-                    if ask && self.out.try_send(Msg::RestartLauncher).is_ok() {
-                        *restart_asked_ns = now.max(1);
-                    }
-                    if let Ok(l) = self.launchers.try_recv() {
-                        // Relaxed: a monitoring value; nothing else is published with it.
-                        self.shared.launcher_pid.store(l.pid(), Ordering::Relaxed);
-                        t.install_launcher(l);
-                        *restart_asked_ns = 0;
-                    }
-                }
-            }
-
-            deadline += tick;
+            tick.check_heartbeats(now);
+            tick.poll_capture();
+            tick.replace_dead_launcher(now);
+            deadline = deadline.saturating_add(period);
             if deadline <= now {
-                deadline = now + tick; // missed ticks are not made up
+                deadline = now.saturating_add(period); // missed ticks are not made up
             }
         }
-        // Shutting down: report stalls still open as they stand.
+        tick.shut_down();
+    }
+}
+
+fn ns(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
+/// One wake-up's work, in the steps the loop runs them in. Everything it writes is in
+/// fork-proof memory (`st`) or on this thread's marked stack.
+struct Tick<'a> {
+    st: &'a mut ForkSafeBox<LoopState>,
+    out: &'a Sender<Msg>,
+    returned: &'a Receiver<ForkSafeBox<StallRecord>>,
+    launchers: &'a Receiver<crate::launcher::Launcher>,
+    shared: &'a Shared,
+    threshold: u64,
+    lookback: u64,
+}
+
+impl Tick<'_> {
+    fn no_stall_open(&self) -> bool {
+        self.st.open.iter().all(Option::is_none)
+    }
+
+    /// Takes back records the report thread is done with — but not while a stall is open:
+    /// receiving writes the channel's heap memory, which a concurrent fork could freeze.
+    fn take_back_records(&mut self) {
+        if !self.no_stall_open() {
+            return;
+        }
+        while let Ok(rec) = self.returned.try_recv() {
+            if let Some(slot) = self.st.pool.iter_mut().find(|s| s.is_none()) {
+                *slot = Some(rec);
+            }
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.st.next_id;
+        self.st.next_id += 1;
+        id
+    }
+
+    /// The watchdog itself woke `late` ns after `deadline`: everything, this thread included,
+    /// was frozen. A process stall, seen after it ended. Heartbeats did not move for the same
+    /// reason: their clocks restart now.
+    fn process_stall(&mut self, deadline: u64, now: u64, late: u64) {
+        let id = self.next_id();
+        probes::stall_begin(id, 0, late);
+        probes::stall_end(id, late);
+        match self.st.pool.iter_mut().find_map(Option::take) {
+            Some(mut rec) => {
+                rec.id = id;
+                rec.scope = Scope::Process;
+                rec.thread_id = 0;
+                rec.thread_name = [0; 32];
+                rec.start_ns = deadline;
+                rec.detected_ns = now;
+                rec.duration_ns = late;
+                rec.capture = CaptureStatus::NotConfigured;
+                rec.capture_spawned_ns = 0;
+                rec.collect(self.lookback);
+                let _ = self.out.try_send(Msg::Stall(rec));
+            }
+            None => {
+                let _ = self.out.try_send(Msg::Dropped { stall_id: id });
+            }
+        }
+        for w in self.st.watched.iter_mut() {
+            w.floor_ns = now;
+        }
+    }
+
+    /// Every registered heartbeat: a stale one begins a thread stall, progress ends one.
+    fn check_heartbeats(&mut self, now: u64) {
+        let high = HIGH_WATER.load(Ordering::Relaxed);
+        for (i, slot) in SLOTS[..high].iter().enumerate() {
+            // Acquire: pairs with the Release in Heartbeat::try_new (name, tid, generation).
+            let state = slot.state.load(Ordering::Acquire);
+            let generation = slot.generation.load(Ordering::Relaxed);
+            if state == crate::heartbeat::FREE || generation != self.st.watched[i].generation {
+                self.forget(i, generation, now);
+                continue;
+            }
+            let last = slot
+                .last_ns
+                .load(Ordering::Relaxed)
+                .max(self.st.watched[i].floor_ns);
+            if self.st.watched[i].stall.is_some() {
+                self.end_if_progressed(i, state, last, now);
+            } else if state == ACTIVE && now.saturating_sub(last) >= self.threshold {
+                self.begin_thread_stall(i, slot, last, now);
+            }
+        }
+    }
+
+    /// Slot `i` was unregistered (or reused): a stall still open on it ends now.
+    fn forget(&mut self, i: usize, generation: u64, now: u64) {
+        if let Some(rec) = self.st.open[i].take() {
+            end_stall(self.out, self.st.trigger.as_ref(), rec, now);
+        }
+        if let Some((id, start, _)) = self.st.watched[i].stall.take() {
+            probes::stall_end(id, now.saturating_sub(start));
+        }
+        self.st.watched[i] = Watched {
+            generation,
+            floor_ns: 0,
+            stall: None,
+        };
+    }
+
+    /// Progress (or an announced idle wait) ends the stall open on slot `i`; it lasted until
+    /// the first beat after it began.
+    fn end_if_progressed(&mut self, i: usize, state: u8, last: u64, now: u64) {
+        let Some((id, start, detected)) = self.st.watched[i].stall else {
+            return;
+        };
+        let progressed = last > start;
+        if !progressed && state == ACTIVE {
+            return;
+        }
+        // A beat that read the clock before the stall but stored after it (the thread froze
+        // inside `beat`) must not shorten the stall below what was already observed.
+        let end = if progressed { last.max(detected) } else { now };
+        match self.st.open[i].take() {
+            Some(mut rec) => {
+                rec.duration_ns = end.saturating_sub(rec.start_ns);
+                end_stall(self.out, self.st.trigger.as_ref(), rec, now);
+            }
+            None => probes::stall_end(id, end.saturating_sub(start)),
+        }
+        self.st.watched[i].stall = None;
+    }
+
+    /// Heartbeat `i` has not moved since `last`: a thread stall, detected while it goes on.
+    /// Fires the probe, starts the capture and collects the suspects and the kernel view now.
+    fn begin_thread_stall(&mut self, i: usize, slot: &crate::heartbeat::Slot, last: u64, now: u64) {
+        let id = self.next_id();
+        let tid = slot.tid.load(Ordering::Relaxed);
+        probes::stall_begin(id, tid, now.saturating_sub(last));
+        self.st.watched[i].stall = Some((id, last, now));
+        let capture = match self.st.trigger.as_mut() {
+            Some(t) => t.fire(id, tid, now),
+            None => CaptureStatus::NotConfigured,
+        };
+        match self.st.pool.iter_mut().find_map(Option::take) {
+            Some(mut rec) => {
+                rec.id = id;
+                rec.scope = Scope::Thread;
+                rec.thread_id = tid;
+                rec.thread_name = slot_name(slot);
+                rec.start_ns = last;
+                rec.detected_ns = now;
+                rec.duration_ns = 0;
+                rec.capture = capture;
+                rec.capture_spawned_ns = 0;
+                rec.collect(self.lookback);
+                self.st.open[i] = Some(rec);
+            }
+            None => {
+                let _ = self.out.try_send(Msg::Dropped { stall_id: id });
+            }
+        }
+    }
+
+    /// What the launcher said about the capture in progress goes into the open stall's record,
+    /// or, once the stall is over, into a message of its own.
+    fn poll_capture(&mut self) {
+        let LoopState { open, trigger, .. } = &mut **self.st;
+        let Some(t) = trigger.as_mut() else { return };
+        match t.poll() {
+            Some(TriggerEvent::Spawned { stall_id, mono_ns }) => {
+                if let Some(rec) = open.iter_mut().flatten().find(|r| r.id == stall_id) {
+                    rec.capture_spawned_ns = mono_ns;
+                }
+            }
+            Some(TriggerEvent::Finished {
+                stall_id,
+                status,
+                spawned_ns,
+            }) => match open.iter_mut().flatten().find(|r| r.id == stall_id) {
+                Some(rec) => {
+                    // The stall is still going: this goes into its report.
+                    rec.capture = status;
+                    rec.capture_spawned_ns = spawned_ns;
+                }
+                None => {
+                    let dir = t.last_dir();
+                    let _ = self.out.try_send(Msg::CaptureDone {
+                        stall_id,
+                        status,
+                        dir,
+                        spawned_ns,
+                    });
+                }
+            },
+            Some(TriggerEvent::LauncherDied) | None => {}
+        }
+    }
+
+    /// A dead launcher is replaced once no stall is open (the report thread forks the service
+    /// for it), asked at most once a minute.
+    fn replace_dead_launcher(&mut self, now: u64) {
+        let quiet = self.no_stall_open();
+        let Some(t) = self.st.trigger.as_mut() else {
+            return;
+        };
+        if t.has_launcher() {
+            return;
+        }
+        // Relaxed: a monitoring value (fork-proof memory, like all we write here).
+        self.shared.launcher_pid.store(0, Ordering::Relaxed);
+        if !quiet {
+            return;
+        }
+        let asked = self.st.restart_asked_ns;
+        if (asked == 0 || now.saturating_sub(asked) > 60_000_000_000)
+            && self.out.try_send(Msg::RestartLauncher).is_ok()
+        {
+            self.st.restart_asked_ns = now.max(1);
+        }
+        let Some(t) = self.st.trigger.as_mut() else {
+            return;
+        };
+        if let Ok(l) = self.launchers.try_recv() {
+            // Relaxed: a monitoring value; nothing else is published with it.
+            self.shared.launcher_pid.store(l.pid(), Ordering::Relaxed);
+            t.install_launcher(l);
+            self.st.restart_asked_ns = 0;
+        }
+    }
+
+    /// Shutting down: stalls still open are reported as they stand.
+    fn shut_down(&mut self) {
+        let LoopState { open, trigger, .. } = &mut **self.st;
         for rec in open.iter_mut().filter_map(Option::take) {
-            let now = monotonic_ns();
-            end_stall(&self.out, trigger.as_ref(), rec, now);
+            end_stall(self.out, trigger.as_ref(), rec, monotonic_ns());
         }
     }
 }

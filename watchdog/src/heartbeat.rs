@@ -137,6 +137,7 @@ impl Drop for Heartbeat {
 }
 
 /// Reads a slot's name into a string (watchdog side, after a stall).
+#[cfg(ft_linux)]
 pub(crate) fn slot_name(slot: &Slot) -> [u8; 32] {
     let mut out = [0u8; 32];
     for (i, w) in slot.name.iter().enumerate() {

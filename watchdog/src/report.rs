@@ -26,15 +26,6 @@ struct SuspectJson {
     frames: Vec<Frame>,
 }
 
-#[derive(Serialize, Default)]
-struct JemallocJson {
-    allocated: u64,
-    active: u64,
-    resident: u64,
-    mapped: u64,
-    retained: u64,
-}
-
 #[derive(Serialize)]
 struct CaptureJson {
     helper: Option<String>,
@@ -57,23 +48,9 @@ struct StallJson {
     suspects: Vec<SuspectJson>,
     threads: Vec<crate::procview::ThreadJson>,
     threads_omitted: usize,
-    jemalloc: JemallocJson,
+    /// jemalloc's statistics after the stall; null without the `jemalloc` feature.
+    jemalloc: Option<crate::jemalloc_stats::JemallocJson>,
     capture: CaptureJson,
-}
-
-fn jemalloc_stats() -> JemallocJson {
-    use tikv_jemalloc_ctl::{epoch, stats};
-    // Advancing the epoch touches most jemalloc locks: only here, after the stall.
-    if epoch::advance().is_err() {
-        return JemallocJson::default();
-    }
-    JemallocJson {
-        allocated: stats::allocated::read().unwrap_or(0) as u64,
-        active: stats::active::read().unwrap_or(0) as u64,
-        resident: stats::resident::read().unwrap_or(0) as u64,
-        mapped: stats::mapped::read().unwrap_or(0) as u64,
-        retained: stats::retained::read().unwrap_or(0) as u64,
-    }
 }
 
 /// Formats "3 ms before" / "12 ms after the stall began".
@@ -204,7 +181,7 @@ pub(crate) fn run(
                     suspects,
                     threads: rec.procs.to_json(),
                     threads_omitted: rec.procs.omitted,
-                    jemalloc: jemalloc_stats(),
+                    jemalloc: crate::jemalloc_stats::read(),
                     capture,
                 });
                 let _ = pool.try_send(rec);

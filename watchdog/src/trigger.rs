@@ -129,8 +129,7 @@ impl CaptureStatus {
     }
 }
 
-/// The largest accepted `FREEZETRAP_CAPTURE_MAX_PER_HOUR`.
-pub const MAX_PER_HOUR: usize = 1000;
+use crate::config::limits::MAX_PER_HOUR;
 
 /// A helper run in progress.
 #[derive(Debug, Clone, Copy)]
@@ -293,11 +292,6 @@ impl Trigger {
     /// Installs a new launcher (started off the watchdog thread after the old one died).
     pub(crate) fn install_launcher(&mut self, l: Launcher) {
         self.launcher = Some(l);
-    }
-
-    /// The helper run in progress, if any.
-    pub fn running(&self) -> Option<Running> {
-        self.running
     }
 
     /// Starts the helper for a stall (watchdog thread, during the stall: no allocation).
