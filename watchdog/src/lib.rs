@@ -44,6 +44,8 @@ mod jemalloc_stats;
 #[cfg(ft_linux)]
 mod launcher;
 #[cfg(ft_linux)]
+mod launcher_process;
+#[cfg(ft_linux)]
 #[doc(hidden)]
 pub mod procview;
 #[cfg(ft_linux)]

@@ -1,0 +1,261 @@
+//! `summary.json` and the one-line human summary of a capture: totals, the heaviest blocking
+//! stacks (with idle waits set apart), the mmap_lock holder and waiters.
+
+use crate::maps::{folded, split_key, Maps};
+use serde::Serialize;
+
+/// One blocking stack in the summary.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Blocking {
+    /// The folded stack.
+    pub stack: String,
+    /// Microseconds off CPU.
+    pub us: u64,
+}
+
+/// The mmap_lock part of the summary.
+#[derive(Debug, Serialize, Default, PartialEq, Eq)]
+pub struct MmapLock {
+    /// Longest wait for the lock, µs.
+    pub max_wait_us: u64,
+    /// Longest write hold, µs.
+    pub max_write_hold_us: u64,
+    /// Kernel stack (outermost first) that released the longest write hold.
+    pub holder_stack: String,
+    /// Thread names that waited at least 1 ms.
+    pub waiters: u64,
+}
+
+/// `summary.json` (contract fields plus `oncpu_samples`).
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Target pid.
+    pub pid: u32,
+    /// Recording length, seconds.
+    pub duration_s: u64,
+    /// Total off-CPU time recorded, µs.
+    pub offcpu_total_us: u64,
+    /// Heaviest off-CPU stacks, heaviest first (at most 10).
+    pub top_blocking: Vec<Blocking>,
+    /// The same without threads that were idle by choice (sleeping, polling): what a freeze
+    /// made threads wait for. Heaviest first, at most 10.
+    pub top_waits: Vec<Blocking>,
+    /// Off-CPU time of those idle stacks, µs.
+    pub idle_us: u64,
+    /// mmap_lock waits and holds.
+    pub mmap_lock: MmapLock,
+    /// On-CPU samples recorded.
+    pub oncpu_samples: u64,
+    /// The target exited this many seconds into the recording, which then ended early (its
+    /// user frames are named from the files read while it ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_exited_after_s: Option<f64>,
+    /// SIGINT or SIGTERM ended the recording early.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_by_signal: bool,
+}
+
+/// Builds the summary from the maps.
+pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
+    let off = folded(maps.get("@off"));
+    let mut blocking: Vec<Blocking> = off
+        .iter()
+        .filter_map(|l| {
+            l.rsplit_once(' ').map(|(s, v)| Blocking {
+                stack: s.to_string(),
+                us: v.parse().unwrap_or(0),
+            })
+        })
+        .collect();
+    let offcpu_total_us = blocking.iter().map(|b| b.us).sum();
+    blocking.sort_by_key(|b| std::cmp::Reverse(b.us));
+    let idle_us = blocking
+        .iter()
+        .filter(|b| is_idle(&b.stack))
+        .map(|b| b.us)
+        .sum();
+    let top_waits: Vec<Blocking> = blocking
+        .iter()
+        .filter(|b| !is_idle(&b.stack))
+        .take(10)
+        .map(|b| Blocking {
+            stack: b.stack.clone(),
+            us: b.us,
+        })
+        .collect();
+    blocking.truncate(10);
+    let mut lock = MmapLock::default();
+    if let Some(w) = maps.get("@lock_wait_max_us") {
+        lock.max_wait_us = w.values().copied().max().unwrap_or(0);
+        lock.waiters = w.values().filter(|&&v| v >= 1000).count() as u64;
+    }
+    if let Some(h) = maps.get("@write_hold_us") {
+        if let Some((key, &v)) = h.iter().max_by_key(|(_, &v)| v) {
+            lock.max_write_hold_us = v;
+            let (_, mut k, _) = split_key(key);
+            // The innermost frames are the tracepoint's own helpers, not the holder.
+            k.retain(|f| !f.contains("mmap_lock_do_trace"));
+            lock.holder_stack = k.iter().rev().cloned().collect::<Vec<_>>().join(";");
+        }
+    }
+    let oncpu_samples = maps.get("@on").map(|m| m.values().sum()).unwrap_or(0);
+    Summary {
+        pid,
+        duration_s,
+        offcpu_total_us,
+        top_blocking: blocking,
+        top_waits,
+        idle_us,
+        mmap_lock: lock,
+        oncpu_samples,
+        target_exited_after_s: None,
+        stopped_by_signal: false,
+    }
+}
+
+/// Kernel functions a thread sits in when it waits because it chose to (a sleep, an idle poll),
+/// not because something held it up.
+const IDLE_FRAMES: [&str; 6] = [
+    "do_nanosleep",
+    "ep_poll",
+    "do_epoll_wait",
+    "do_sys_poll",
+    "do_select",
+    "core_sys_select",
+];
+
+fn kernel_name(frame: &str) -> Option<&str> {
+    frame.strip_suffix("_[k]")
+}
+
+/// True when a folded stack is a thread idle by choice (see [`IDLE_FRAMES`]).
+pub fn is_idle(folded_stack: &str) -> bool {
+    folded_stack
+        .split(';')
+        .filter_map(kernel_name)
+        .any(|f| IDLE_FRAMES.contains(&f))
+}
+
+/// Where a folded off-CPU stack waits: its innermost frames past the scheduler's own
+/// (`__schedule`, `schedule`, ...), innermost first, at most 3, e.g.
+/// `rwsem_down_write_slowpath <- vm_mmap_pgoff <- do_syscall_64`.
+pub fn wait_site(folded_stack: &str) -> String {
+    let scheduler = |f: &str| {
+        let f = kernel_name(f).unwrap_or(f);
+        f == "schedule"
+            || f.starts_with("__schedule")
+            || f.starts_with("schedule_")
+            || f.starts_with("io_schedule")
+            || f.starts_with("preempt_schedule")
+    };
+    folded_stack
+        .rsplit(';')
+        .skip_while(|f| scheduler(f))
+        .take(3)
+        .map(|f| kernel_name(f).unwrap_or(f))
+        .collect::<Vec<_>>()
+        .join(" <- ")
+}
+
+/// The one-paragraph human summary printed on stdout.
+pub fn human(s: &Summary) -> String {
+    let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
+    let mut out = format!(
+        "freezetrap-capture: pid {} for {} s: {} off CPU ({} of it idle)",
+        s.pid,
+        s.duration_s,
+        ms(s.offcpu_total_us),
+        ms(s.idle_us)
+    );
+    if s.mmap_lock.max_write_hold_us > 0 {
+        let holder: Vec<&str> = s.mmap_lock.holder_stack.rsplit(';').take(3).collect();
+        out.push_str(&format!(
+            "; mmap_lock held for write {} by {}; {} thread(s) waited up to {}",
+            ms(s.mmap_lock.max_write_hold_us),
+            holder.join(" <- "),
+            s.mmap_lock.waiters,
+            ms(s.mmap_lock.max_wait_us)
+        ));
+    }
+    match s.top_waits.first() {
+        Some(b) => out.push_str(&format!(
+            "; top wait ({}): {}",
+            ms(b.us),
+            wait_site(&b.stack)
+        )),
+        None if s.idle_us > 0 => out.push_str("; every off-CPU stack was an idle sleep or poll"),
+        None => {}
+    }
+    if let Some(t) = s.target_exited_after_s {
+        out.push_str(&format!("; the target exited after {t:.1} s"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::parse_maps;
+
+    const SAMPLE: &str = r#"{"type": "attached_probes", "data": {"probes": 6}}
+{"type": "map", "data": {"@off": {"mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10, "sleeper,\n    __schedule+1\n    schedule+2\n    do_nanosleep+3\n    hrtimer_nanosleep+4\n,": 90000}}}
+{"type": "map", "data": {"@lock_wait_max_us": {"mmapper-0": 50400, "mmapper-1": 900}}}
+{"type": "map", "data": {"@write_hold_us": {"app,\n    mmap_write_unlock+10\n    dup_mmap+900\n    copy_process+2000\n    kernel_clone+100\n": 48800}}}
+{"type": "map", "data": {"@on": {"app,\n    x+1\n,\n": 7}}}
+"#;
+
+    #[test]
+    fn summary_has_the_contract_fields_and_reads_like_a_sentence() {
+        let s = summarize(42, 10, &parse_maps(SAMPLE));
+        assert_eq!(s.offcpu_total_us, 138010);
+        assert_eq!(
+            s.top_blocking[0].us, 90000,
+            "the sleeper is the heaviest stack"
+        );
+        assert_eq!(s.idle_us, 90000);
+        assert_eq!(s.top_waits[0].us, 48000, "but not a wait");
+        assert_eq!(s.top_waits.len(), 2);
+        assert_eq!(s.mmap_lock.max_wait_us, 50400);
+        assert_eq!(s.mmap_lock.max_write_hold_us, 48800);
+        assert_eq!(s.mmap_lock.waiters, 1);
+        assert_eq!(
+            s.mmap_lock.holder_stack,
+            "kernel_clone;copy_process;dup_mmap;mmap_write_unlock"
+        );
+        assert_eq!(s.oncpu_samples, 7);
+        let j = serde_json::to_value(&s).unwrap();
+        for k in [
+            "pid",
+            "duration_s",
+            "offcpu_total_us",
+            "top_blocking",
+            "top_waits",
+            "idle_us",
+            "mmap_lock",
+        ] {
+            assert!(j.get(k).is_some(), "{k}");
+        }
+        assert_eq!(
+            human(&s),
+            "freezetrap-capture: pid 42 for 10 s: 138.0 ms off CPU (90.0 ms of it idle); mmap_lock held for write 48.8 ms by mmap_write_unlock <- dup_mmap <- copy_process; 1 thread(s) waited up to 50.4 ms; top wait (48.0 ms): rwsem_down_write_slowpath <- vm_mmap_pgoff <- mmap64"
+        );
+    }
+
+    #[test]
+    fn idle_stacks_and_wait_sites() {
+        assert!(is_idle("t;nanosleep;do_nanosleep_[k];schedule_[k]"));
+        assert!(is_idle(
+            "t;epoll_wait;do_epoll_wait_[k];ep_poll_[k];schedule_[k]"
+        ));
+        assert!(
+            !is_idle("t;do_nanosleep;futex_wait_[k]"),
+            "a user frame of that name is not idle"
+        );
+        assert!(!is_idle("t;read;io_schedule_[k]"));
+        assert_eq!(
+            wait_site("t;f;filemap_fault_[k];folio_wait_bit_common_[k];io_schedule_[k];schedule_[k];__schedule_[k]"),
+            "folio_wait_bit_common <- filemap_fault <- f"
+        );
+        assert_eq!(wait_site("t;__schedule_[k]"), "t");
+    }
+}
