@@ -100,6 +100,7 @@ impl Freezetrap {
 /// malformed values print one line and leave that feature off. With no variable set it starts
 /// nothing.
 pub fn init_from_env() -> Freezetrap {
+    alloc_guard::setup::say_problems_once();
     alloc_guard::reload_threshold_from_env();
     let settings = alloc_guard::EnvSettings::from_env();
     let writer = settings.open_writer();

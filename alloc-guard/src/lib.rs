@@ -60,6 +60,7 @@ mod record;
 mod report;
 mod ring;
 mod scope;
+pub mod setup;
 mod slot;
 pub mod symbolize;
 mod thread_facts;
@@ -189,7 +190,7 @@ pub fn threshold() -> Option<usize> {
 pub fn is_installed() -> bool {
     let probe = std::hint::black_box(Box::new(0u8));
     drop(probe);
-    threshold::initialised()
+    threshold::served()
 }
 
 /// Re-reads `FREEZETRAP_ALLOC_THRESHOLD` through `std::env` (for programs that set it in
@@ -246,6 +247,7 @@ pub fn start_reporter(writer: Arc<ReportWriter>, quiet: bool) -> Option<Reporter
 /// Reads the environment and starts the reporter if recording is on. The returned reporter
 /// reports what is left when dropped; keep it alive for the life of the program.
 pub fn init_from_env() -> Option<Reporter> {
+    setup::say_problems_once();
     reload_threshold_from_env();
     let env = EnvSettings::from_env();
     start_reporter(env.open_writer(), env.quiet)

@@ -119,6 +119,7 @@ pub(crate) unsafe fn slow_path<A: GlobalAlloc>(inner: &A, req: Request) -> *mut 
     let (kind, size, old_size) = req.kind_and_sizes();
     // SAFETY (for every `req.forward(inner)` below): the request is the caller's, unchanged.
     let call = || unsafe { req.forward(inner) };
+    threshold::note_served();
     threshold::ensure_init();
     let record_global = size >= threshold::base();
     let record_scope = scope::wants(size);

@@ -27,6 +27,8 @@ const UNINIT: u8 = 0;
 const INITIALISING: u8 = 1;
 const READY: u8 = 2;
 static INIT: AtomicU8 = AtomicU8::new(UNINIT);
+/// Set by the slow path: `GuardedAlloc` has served an allocation, so it is the global allocator.
+static SERVED: AtomicBool = AtomicBool::new(false);
 /// Whether the start-up read found `FREEZETRAP_ALLOC_THRESHOLD` malformed (and said so).
 static COMPLAINED: AtomicBool = AtomicBool::new(false);
 
@@ -174,6 +176,19 @@ fn warn_small_threshold(value: &[u8], bytes: usize) {
 /// True once the slow path has run at least once: the wrapper is serving allocations.
 pub(crate) fn initialised() -> bool {
     INIT.load(Ordering::Acquire) != UNINIT
+}
+
+/// Called by the slow path: the wrapper is serving allocations (the very first allocation of
+/// the process takes the slow path, since the threshold starts at 0).
+#[inline]
+pub(crate) fn note_served() {
+    // Relaxed: a flag read later by the same or another thread, publishing nothing else.
+    SERVED.store(true, Ordering::Relaxed);
+}
+
+/// Whether the slow path ever ran: `GuardedAlloc` is this program's global allocator.
+pub(crate) fn served() -> bool {
+    SERVED.load(Ordering::Relaxed)
 }
 
 /// Waits (outside the allocator only) until initialisation has finished.

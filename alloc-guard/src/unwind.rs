@@ -114,6 +114,30 @@ pub(crate) fn capture_frames(
     }
 }
 
+/// Whether a frame-pointer walk of the calling stack agrees with DWARF — the same test `auto`
+/// makes on the first recorded stack, made on demand (outside the allocator). `None` where
+/// frame-pointer walking is not supported or the stack's bounds are unknown.
+pub fn frame_pointers_work_here() -> Option<bool> {
+    if !FP_SUPPORTED {
+        return None;
+    }
+    let facts = crate::thread_facts::current();
+    if facts.stack_hi == 0 {
+        return None;
+    }
+    #[inline(never)]
+    fn both(
+        dw: &mut [usize; MAX_FRAMES],
+        fp: &mut [usize; MAX_FRAMES],
+        hi: usize,
+    ) -> (usize, usize) {
+        (dwarf(dw), fp_walk(fp, hi))
+    }
+    let (mut dw, mut fp) = ([0usize; MAX_FRAMES], [0usize; MAX_FRAMES]);
+    let (n, m) = both(&mut dw, &mut fp, facts.stack_hi);
+    Some(agree(&dw[..n], &fp[..m]))
+}
+
 /// True when the frame-pointer walk `fp` reproduces the DWARF unwind `dw` from the first common
 /// return address on, for at least 4 frames and every frame both have.
 fn agree(dw: &[usize], fp: &[usize]) -> bool {
@@ -225,5 +249,11 @@ mod tests {
             &dw[..n],
             &fp[..m]
         );
+    }
+
+    #[test]
+    #[cfg(all(ft_linux, any(target_arch = "x86_64", target_arch = "aarch64")))]
+    fn the_start_up_check_finds_this_workspaces_frame_pointers() {
+        assert_eq!(frame_pointers_work_here(), Some(true));
     }
 }

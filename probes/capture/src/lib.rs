@@ -16,6 +16,7 @@
 pub mod armed;
 mod bpftrace;
 pub mod cli;
+pub mod frame_pointers;
 pub mod maps;
 pub mod output;
 pub mod preflight;

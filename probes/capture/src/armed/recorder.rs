@@ -167,6 +167,11 @@ impl Recorder<'_> {
         }
         let exe = reachable_exe(pid, exe);
         let program = program::for_binary(&exe)?;
+        if !state.armed {
+            if let Some(line) = crate::frame_pointers::warning(&exe) {
+                eprintln!("{line}");
+            }
+        }
         let mut child = self.spawn_bpftrace(pid, &exe, &program)?;
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped");
