@@ -26,7 +26,7 @@
 //!   any privilege, run `freezetrap-capture arm --binary /path/to/service --out DIR` as root
 //!   beside it: the armed recorder keeps the last seconds of the same data and writes them out on
 //!   every `stall_begin` (the `freezetrap-capture` crate; with the `capture` feature it is
-//!   also [`capture`] here).
+//!   also `freezetrap::capture`).
 //!
 //! Heartbeats mark progress where the service makes it:
 //!
@@ -56,6 +56,7 @@
 //! ```
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use alloc_guard;
 pub use alloc_guard::{assert_no_large_allocs, GuardedAlloc};
@@ -66,11 +67,13 @@ pub use watchdog::Heartbeat;
 /// The capture helper and armed recorder (`freezetrap-capture`) as a library: a service binary
 /// can serve as its own helper with `capture::cli::run` (feature `capture`).
 #[cfg(feature = "capture")]
+#[cfg_attr(docsrs, doc(cfg(feature = "capture")))]
 pub use freezetrap_capture as capture;
 
 /// What [`init_from_env`] started. Keep it alive for the life of the program: dropping it
 /// reports what is still pending and stops freezetrap's threads.
 #[must_use = "dropping the handle stops freezetrap's background threads"]
+#[derive(Debug)]
 pub struct Freezetrap {
     // Field order is drop order: the watchdog stops (reporting open stalls) before the
     // allocation reporter flushes.

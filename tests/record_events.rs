@@ -177,12 +177,10 @@ fn the_reporter_writes_contract_json_lines() {
     let writer = std::sync::Arc::new(
         alloc_guard::ReportWriter::open(alloc_guard::ReportSink::File(path.clone())).unwrap(),
     );
-    let reporter = alloc_guard::Reporter::start(alloc_guard::ReporterConfig {
-        writer,
-        human_lines: false,
-        poll_interval: Duration::from_millis(5),
-    })
-    .unwrap();
+    let mut cfg = alloc_guard::ReporterConfig::new(writer);
+    cfg.human_lines = false;
+    cfg.poll_interval = Duration::from_millis(5);
+    let reporter = alloc_guard::Reporter::start(cfg).unwrap();
     let marker = (37 << 20) + 11;
     let v: Vec<u8> = Vec::with_capacity(marker);
     std::hint::black_box(&v);

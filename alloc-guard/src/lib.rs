@@ -96,6 +96,7 @@ pub mod internal {
 /// Every request passes to `inner`. Requests of at least the threshold take a cold slow path that
 /// records them; smaller ones cost one relaxed load and one compare, with no thread-local access
 /// and no shared write.
+#[derive(Debug)]
 pub struct GuardedAlloc<A> {
     inner: A,
 }
@@ -230,11 +231,8 @@ pub fn reload_threshold_from_env() {
 /// thread could not start (said on stderr).
 pub fn start_reporter(writer: Arc<ReportWriter>, quiet: bool) -> Option<Reporter> {
     threshold()?;
-    let cfg = ReporterConfig {
-        writer,
-        human_lines: !quiet,
-        poll_interval: std::time::Duration::from_millis(50),
-    };
+    let mut cfg = ReporterConfig::new(writer);
+    cfg.human_lines = !quiet;
     match Reporter::start(cfg) {
         Ok(r) => Some(r),
         Err(e) => {

@@ -169,6 +169,7 @@ pub(crate) unsafe fn slow_path<A: GlobalAlloc>(inner: &A, req: Request) -> *mut 
 
 /// Counters that say what the recorder did, for reports and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecorderStats {
     /// Oversized events recorded since start (each got a sequence number).
     pub recorded: u64,

@@ -74,8 +74,9 @@ pub fn human_line(ev: &RawEvent, frames: &[Frame]) -> String {
     )
 }
 
-/// How the reporter behaves.
-#[derive(Clone)]
+/// How the reporter behaves. Made with [`ReporterConfig::new`]; the fields can be changed after.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ReporterConfig {
     /// Where JSON lines go.
     pub writer: Arc<ReportWriter>,
@@ -85,8 +86,20 @@ pub struct ReporterConfig {
     pub poll_interval: Duration,
 }
 
+impl ReporterConfig {
+    /// Reporting to `writer`, with a human line per event, polling every 50 ms.
+    pub fn new(writer: Arc<ReportWriter>) -> Self {
+        ReporterConfig {
+            writer,
+            human_lines: true,
+            poll_interval: Duration::from_millis(50),
+        }
+    }
+}
+
 /// What the reporter did so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReporterStats {
     /// Events written.
     pub reported: u64,
@@ -94,6 +107,7 @@ pub struct ReporterStats {
     pub lost: u64,
 }
 
+#[derive(Debug)]
 struct Shared {
     stop: AtomicBool,
     position: AtomicU64,
@@ -102,6 +116,7 @@ struct Shared {
 }
 
 /// The running reporter thread. Dropping it reports what is left and stops the thread.
+#[derive(Debug)]
 pub struct Reporter {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,

@@ -13,7 +13,7 @@
 //! own code, so a build without frame pointers shows up right there); otherwise DWARF for the
 //! rest of the process. The frame-pointer walk never reads outside the calling thread's stack:
 //! each saved frame pointer must be 8-aligned, above the previous one, and below the stack top
-//! taken from [`crate::thread_facts::current`] — so a garbage `rbp` ends the walk, it cannot
+//! cached per thread (`thread_facts`) — so a garbage `rbp` ends the walk, it cannot
 //! fault.
 
 use crate::event::MAX_FRAMES;

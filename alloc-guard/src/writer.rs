@@ -40,6 +40,7 @@ impl ReportSink {
 
 /// A JSON-lines writer shared by the reporter and the watchdog. Write failures (a full disk, a
 /// deleted directory) are counted and announced once on stderr; the service keeps running.
+#[derive(Debug)]
 pub struct ReportWriter {
     sink: ReportSink,
     file: Mutex<Option<File>>,

@@ -5,7 +5,7 @@
 //! - [`parse`]: sizes (`64MiB`) and durations (`200ms`) as the variables and command lines write
 //!   them;
 //! - [`units`]: numbers for people (`3.50 GiB`, `48.8 ms`) and digits without allocating;
-//! - [`env`]: reading variables and complaining about them in freezetrap's message grammar;
+//! - [`env`](mod@env): reading variables and complaining about them in freezetrap's message grammar;
 //! - [`raw`] (Linux): system calls that never touch `errno`, for code that runs during a freeze
 //!   — the only module with architecture-specific syscall numbers and assembly;
 //! - [`dirs`] (Linux): directories by handle, files created exclusively, and the ownership checks

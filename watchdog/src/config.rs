@@ -94,8 +94,10 @@ pub const ENV_VARS: &[EnvVar] = &[
     },
 ];
 
-/// How the capture helper is run.
+/// How the capture helper is run. Made by [`WatchdogConfig::with_capture`]; the fields can be
+/// changed after.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CaptureConfig {
     /// Absolute path of the helper.
     pub helper: PathBuf,
@@ -114,8 +116,10 @@ pub struct CaptureConfig {
     pub grace: Duration,
 }
 
-/// Everything the watchdog needs. [`WatchdogConfig::new`] holds the defaults.
+/// Everything the watchdog needs. [`WatchdogConfig::new`] holds the defaults; the fields can
+/// be changed after.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WatchdogConfig {
     /// A stall is anything at least this long.
     pub threshold: Duration,

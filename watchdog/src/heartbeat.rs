@@ -129,6 +129,17 @@ impl Heartbeat {
     }
 }
 
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = slot_name_text(self.slot);
+        f.debug_struct("Heartbeat")
+            .field("name", &String::from_utf8_lossy(&name).trim_end_matches('\0'))
+            // Relaxed: a snapshot for display.
+            .field("last_beat_ns", &self.slot.last_ns.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         // Release: pairs with a claimer's Acquire CAS.
@@ -139,6 +150,10 @@ impl Drop for Heartbeat {
 /// Reads a slot's name into a string (watchdog side, after a stall).
 #[cfg(ft_linux)]
 pub(crate) fn slot_name(slot: &Slot) -> [u8; 32] {
+    slot_name_text(slot)
+}
+
+fn slot_name_text(slot: &Slot) -> [u8; 32] {
     let mut out = [0u8; 32];
     for (i, w) in slot.name.iter().enumerate() {
         out[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());

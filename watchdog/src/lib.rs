@@ -31,6 +31,7 @@
 //! ```
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod config;
 #[cfg(ft_linux)]
@@ -72,6 +73,7 @@ use std::sync::Arc;
 
 /// Percentiles of how late the watchdog woke, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HiccupStats {
     /// Samples (ticks).
     pub count: u64,

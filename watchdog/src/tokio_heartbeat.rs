@@ -15,6 +15,7 @@ use crate::Heartbeat;
 use std::time::Duration;
 
 /// Stops the heartbeat task when dropped.
+#[derive(Debug)]
 pub struct TokioHeartbeat {
     task: tokio::task::JoinHandle<()>,
 }

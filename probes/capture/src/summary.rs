@@ -28,6 +28,7 @@ pub struct MmapLock {
 
 /// `summary.json` (contract fields plus `oncpu_samples`).
 #[derive(Debug, Serialize)]
+#[non_exhaustive]
 pub struct Summary {
     /// Target pid.
     pub pid: u32,
@@ -128,7 +129,8 @@ fn kernel_name(frame: &str) -> Option<&str> {
     frame.strip_suffix("_[k]")
 }
 
-/// True when a folded stack is a thread idle by choice (see [`IDLE_FRAMES`]).
+/// True when a folded stack is a thread idle by choice: its kernel frames include a sleep or an
+/// idle `poll`/`epoll`/`select` (`do_nanosleep`, `ep_poll`, `do_sys_poll`, `do_select`, ...).
 pub fn is_idle(folded_stack: &str) -> bool {
     folded_stack
         .split(';')
