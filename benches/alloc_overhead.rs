@@ -101,7 +101,7 @@ fn fp_walk(out: &mut [usize; 32]) -> usize {
     let top = fp;
     let mut n = 0;
     // Walk saved (rbp, return address) pairs while they look like a stack going up.
-    while n < 32 && fp != 0 && fp % 8 == 0 && fp >= top && fp - top < (8 << 20) {
+    while n < 32 && fp != 0 && fp.is_multiple_of(8) && fp >= top && fp - top < (8 << 20) {
         // SAFETY: `fp` is within 8 MiB above our own frame on this thread's stack, aligned, and
         // this binary is built with frame pointers, so it points at a saved (rbp, ret) pair.
         let (next, ret) = unsafe { (*(fp as *const usize), *((fp + 8) as *const usize)) };

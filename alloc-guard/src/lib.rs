@@ -46,8 +46,8 @@
 //! # Troubleshooting
 //! - *Nothing is recorded*: the wrapper is not the `#[global_allocator]`, or the threshold is
 //!   above your allocations, or the value was malformed (a one-line message on stderr said so).
-//! - *Frames show `??`*: the binary has no debug info; keep `debug = "line-tables-only"` in the
-//!   release profile.
+//! - *Frames show `??` or short names*: keep `debug = "limited"` (or more) in the release
+//!   profile; `line-tables-only` drops the paths of function names.
 //! - *bpftrace user stacks are short*: build with `-C force-frame-pointers=yes`.
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
