@@ -133,7 +133,10 @@ impl std::fmt::Debug for Heartbeat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = slot_name_text(self.slot);
         f.debug_struct("Heartbeat")
-            .field("name", &String::from_utf8_lossy(&name).trim_end_matches('\0'))
+            .field(
+                "name",
+                &String::from_utf8_lossy(&name).trim_end_matches('\0'),
+            )
             // Relaxed: a snapshot for display.
             .field("last_beat_ns", &self.slot.last_ns.load(Ordering::Relaxed))
             .finish()

@@ -31,7 +31,9 @@ pub fn share(path: &Path) -> Option<f64> {
         if sym.kind() != SymbolKind::Text || sym.size() < 16 {
             continue;
         }
-        let Some(section) = sym.section_index().and_then(|i| obj.section_by_index(i).ok())
+        let Some(section) = sym
+            .section_index()
+            .and_then(|i| obj.section_by_index(i).ok())
         else {
             continue;
         };
@@ -50,7 +52,8 @@ pub fn share(path: &Path) -> Option<f64> {
             &head[..]
         };
         // push rbp; mov rbp, rsp (either encoding of the move).
-        if body.starts_with(&[0x55, 0x48, 0x89, 0xe5]) || body.starts_with(&[0x55, 0x48, 0x8b, 0xec])
+        if body.starts_with(&[0x55, 0x48, 0x89, 0xe5])
+            || body.starts_with(&[0x55, 0x48, 0x8b, 0xec])
         {
             with += 1;
         }
@@ -81,7 +84,11 @@ mod tests {
         assert!(me > 0.8, "this test binary: {me}");
         assert!(warning(&std::env::current_exe().unwrap()).is_none());
         // Stripped binaries have no symbol table to judge from: nothing is said.
-        assert_eq!(share(Path::new("/usr/bin/true")), None, "Debian strips coreutils");
+        assert_eq!(
+            share(Path::new("/usr/bin/true")),
+            None,
+            "Debian strips coreutils"
+        );
         // Rust's own release binaries (the rustup proxies on PATH) keep their symbol table and
         // are built without frame pointers.
         let rustc = std::env::var_os("PATH").and_then(|p| {
@@ -93,6 +100,10 @@ mod tests {
         let s = share(&rustc).expect("rustc has a symbol table");
         assert!(s < MIN_SHARE, "{}: {s}", rustc.display());
         let line = warning(&rustc).unwrap();
-        assert!(line.contains("seems built without frame pointers") && line.contains("force-frame-pointers=yes"), "{line}");
+        assert!(
+            line.contains("seems built without frame pointers")
+                && line.contains("force-frame-pointers=yes"),
+            "{line}"
+        );
     }
 }
