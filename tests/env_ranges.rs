@@ -83,8 +83,8 @@ fn check(var: &str, value: OsString, line_has: &str, effect: Effect) {
     assert!(about[0].contains(line_has), "{var}={shown}: {}", about[0]);
     let stalls = stderr.lines().filter(|l| l.contains(" stalled ")).count();
     assert!(
-        stderr.lines().count() < 20,
-        "{var}={shown}: no flood of lines:\n{stderr}"
+        stalls <= 1,
+        "{var}={shown}: no flood of stall lines (FREEZETRAP_STALL=1ns once made every tick one):\n{stderr}"
     );
     match effect {
         Effect::NoWatchdog => assert_eq!(stalls, 0, "{var}={shown}:\n{stderr}"),

@@ -180,7 +180,15 @@ fn a_blocked_heartbeat_is_a_thread_stall_and_the_helper_starts_during_it() {
     );
     // It points at the capture directory (which exists), never at a file that may not.
     assert!(
-        line.ends_with(&format!("; capture: {}", dir.display())),
+        line.contains(&format!("; capture: {}; ", dir.display())),
+        "{line}"
+    );
+    // And ends with the verdict: the thread slept, which freezetrap says in so many words.
+    let v = &s["verdict"];
+    assert_eq!(v["cause"], "unknown", "{v:#}");
+    assert!(
+        line.ends_with(v["text"].as_str().unwrap())
+            && line.contains("asleep (state S in hrtimer_nanosleep)"),
         "{line}"
     );
     // Kernel view of the stalled thread: sleeping in a timer.

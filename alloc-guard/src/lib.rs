@@ -55,6 +55,7 @@
 pub mod config;
 mod cursor;
 mod event;
+pub mod growth;
 mod inflight;
 mod record;
 mod report;
@@ -75,7 +76,7 @@ use std::sync::Arc;
 pub use config::EnvSettings;
 pub use event::AllocKind;
 pub use record::{stats, RecorderStats};
-pub use report::{Reporter, ReporterConfig, ReporterStats};
+pub use report::{LargeAlloc, Reporter, ReporterConfig, ReporterStats};
 pub use scope::assert_no_large_allocs;
 pub use writer::{ReportSink, ReportWriter};
 

@@ -19,15 +19,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A `large_alloc` report line, exactly the contract's fields (plus `address`).
-#[derive(Debug, Serialize)]
-pub struct LargeAllocLine<'a> {
-    /// Always `"large_alloc"`.
-    pub event: &'static str,
+/// One large allocation: the contract's `large_alloc` line, typed (what `on_large_alloc`
+/// callbacks, `tracing` and `metrics` get).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LargeAlloc {
     /// Sequence number.
     pub seq: u64,
     /// `alloc`, `alloc_zeroed` or `realloc`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Requested size.
     pub size: u64,
     /// Size before a realloc, else 0.
@@ -37,13 +37,43 @@ pub struct LargeAllocLine<'a> {
     /// Kernel thread id.
     pub thread_id: u64,
     /// Kernel thread name.
-    pub thread_name: &'a str,
+    pub thread_name: String,
     /// `CLOCK_MONOTONIC` ns at entry.
     pub ts_ns: u64,
     /// ns inside the inner allocator.
     pub duration_ns: u64,
     /// Caller frames, allocator frames removed.
-    pub frames: &'a [Frame],
+    pub frames: Vec<Frame>,
+    /// The growth hint, once allocations at this call site grow geometrically.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth: Option<String>,
+}
+
+impl LargeAlloc {
+    /// The typed event for a recorded one, with its frames resolved.
+    pub(crate) fn new(ev: &RawEvent, frames: Vec<Frame>, growth: Option<String>) -> LargeAlloc {
+        LargeAlloc {
+            seq: ev.seq,
+            kind: ev.kind.as_str().to_string(),
+            size: ev.size,
+            old_size: ev.old_size,
+            address: ev.address,
+            thread_id: ev.thread_id,
+            thread_name: ev.thread_name().to_string(),
+            ts_ns: ev.ts_ns,
+            duration_ns: ev.duration_ns,
+            frames,
+            growth,
+        }
+    }
+}
+
+/// A `large_alloc` line: the event with `"event": "large_alloc"` in front.
+#[derive(Serialize)]
+struct LargeAllocLine<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    alloc: &'a LargeAlloc,
 }
 
 /// The human one-liner for an event, in freezetrap's message grammar.
@@ -178,27 +208,28 @@ impl Drop for Reporter {
 fn run(cfg: ReporterConfig, sh: Arc<Shared>) {
     crate::record::mark_current_thread_internal();
     let mut sym = Symbolizer::new();
+    let mut growth = crate::growth::GrowthTracker::new();
     let mut cursor = Cursor::new(&RING, true);
     let mut lost_announced = 0;
     loop {
         let stopping = sh.stop.load(Ordering::Acquire);
         let stats = cursor.poll(|ev| {
             let frames = sym.resolve(ev.frames());
+            // Once allocations at one call site grow by a steady factor, each line says so.
+            let hint = first_user_frame(&frames)
+                .map(|f| f.to_string())
+                .and_then(|site| growth.record(&site, ev.size))
+                .map(|g| g.hint());
             if cfg.human_lines {
-                eprintln!("{}", human_line(ev, &frames));
+                match &hint {
+                    Some(h) => eprintln!("{}; {h}", human_line(ev, &frames)),
+                    None => eprintln!("{}", human_line(ev, &frames)),
+                }
             }
+            let alloc = LargeAlloc::new(ev, frames, hint);
             cfg.writer.write_json(&LargeAllocLine {
                 event: "large_alloc",
-                seq: ev.seq,
-                kind: ev.kind.as_str(),
-                size: ev.size,
-                old_size: ev.old_size,
-                address: ev.address,
-                thread_id: ev.thread_id,
-                thread_name: ev.thread_name(),
-                ts_ns: ev.ts_ns,
-                duration_ns: ev.duration_ns,
-                frames: &frames,
+                alloc: &alloc,
             });
         });
         if stats.lost > lost_announced {

@@ -9,7 +9,9 @@
 //! - [`raw`] (Linux): system calls that never touch `errno`, for code that runs during a freeze
 //!   — the only module with architecture-specific syscall numbers and assembly;
 //! - [`dirs`] (Linux): directories by handle, files created exclusively, and the ownership checks
-//!   for anything that may run as root.
+//!   for anything that may run as root;
+//! - [`verdict`]: the shape of a verdict (what caused a stall), shared by the watchdog's reports
+//!   and the capture's summary.
 //!
 //! Everything except `dirs` is usable from inside a global allocator: no allocation, no lock.
 #![deny(missing_docs)]
@@ -24,3 +26,4 @@ pub mod parse;
 pub mod raw;
 pub mod thread;
 pub mod units;
+pub mod verdict;

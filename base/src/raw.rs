@@ -194,6 +194,17 @@ pub fn open(path: &[u8], flags: libc::c_int) -> isize {
     )
 }
 
+/// `pread64(fd, buf, offset)`: reads a `/proc` file again from its start without reopening it.
+pub fn pread(fd: libc::c_int, buf: &mut [u8], offset: u64) -> isize {
+    syscall4(
+        libc::SYS_pread64,
+        fd as usize,
+        buf.as_mut_ptr() as usize,
+        buf.len(),
+        offset as usize,
+    )
+}
+
 /// `read(fd, buf)`.
 pub fn read(fd: libc::c_int, buf: &mut [u8]) -> isize {
     syscall3(

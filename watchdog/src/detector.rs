@@ -12,6 +12,7 @@ use crate::forksafe::{run_on_protected_stack, ForkSafeBox};
 use crate::heartbeat::{slot_name, ACTIVE, HIGH_WATER, MAX_HEARTBEATS, SLOTS};
 use crate::running::{Shared, POOL};
 use crate::stall::{Scope, StallRecord};
+use crate::sysview::{SysCounters, SysView, FULL_EVERY};
 use crate::trigger::{CaptureStatus, Trigger, TriggerEvent};
 use crate::WatchdogConfig;
 use base::clock::monotonic_ns;
@@ -57,6 +58,11 @@ struct LoopState {
     next_id: u64,
     /// A new launcher was asked for at this time (0 = not asked).
     restart_asked_ns: u64,
+    /// The process-wide counters' files, and their last two readings.
+    sys: SysView,
+    sys_prev: SysCounters,
+    sys_now: SysCounters,
+    ticks: u64,
 }
 
 pub(crate) struct Detector {
@@ -103,6 +109,8 @@ impl Detector {
         alloc_guard::internal::RING.touch_all();
         alloc_guard::internal::touch_in_flight();
         crate::forksafe::populate_code();
+        // The process-wide counters (opening them finds the cgroup: allocation, before the loop).
+        let sys = SysView::open();
         let init = |p: *mut LoopState| {
             // SAFETY: `p` is valid for writes of a LoopState (ForkSafeBox::new_with's promise).
             unsafe {
@@ -113,6 +121,10 @@ impl Detector {
                     trigger: None,
                     next_id: 1,
                     restart_asked_ns: 0,
+                    sys,
+                    sys_prev: SysCounters::default(),
+                    sys_now: SysCounters::default(),
+                    ticks: 0,
                 })
             }
         };
@@ -150,6 +162,7 @@ impl Detector {
             let now = monotonic_ns();
             let late = now.saturating_sub(deadline);
             self.shared.samples.push(late);
+            tick.sample_sys(late);
             tick.take_back_records();
             if late >= tick.threshold {
                 tick.process_stall(deadline, now, late);
@@ -185,6 +198,38 @@ struct Tick<'a> {
 impl Tick<'_> {
     fn no_stall_open(&self) -> bool {
         self.st.open.iter().all(Option::is_none)
+    }
+
+    /// Reads the process-wide counters: the cheap ones every tick (the baseline a process
+    /// stall, seen only after it ended, is measured from), the larger ones now and then and
+    /// whenever the watchdog woke late.
+    fn sample_sys(&mut self, late: u64) {
+        let st = &mut **self.st;
+        st.ticks += 1;
+        st.sys_prev = st.sys_now;
+        let full = late >= self.threshold || st.ticks % FULL_EVERY == 1;
+        st.sys.sample(&mut st.sys_now, full);
+    }
+
+    /// A full reading of the process-wide counters, now.
+    fn sys_full(&self) -> SysCounters {
+        let mut c = SysCounters::default();
+        self.st.sys.sample(&mut c, true);
+        c
+    }
+
+    /// Ends the stall in `rec` (taken out of `open`): its counters at the end, and whether it
+    /// was the last open stall of its incident.
+    fn end(&mut self, mut rec: ForkSafeBox<StallRecord>, now: u64) {
+        rec.procs.take_end();
+        rec.sys_after = self.sys_full();
+        rec.incident_last = !self
+            .st
+            .open
+            .iter()
+            .flatten()
+            .any(|r| r.incident == rec.incident);
+        end_stall(self.out, self.st.trigger.as_ref(), rec, now);
     }
 
     /// Takes back records the report thread is done with — but not while a stall is open:
@@ -224,7 +269,12 @@ impl Tick<'_> {
                 rec.duration_ns = late;
                 rec.capture = CaptureStatus::NotConfigured;
                 rec.capture_spawned_ns = 0;
+                rec.incident = id;
+                rec.incident_last = true;
+                rec.sys_before = self.st.sys_prev;
+                rec.sys_after = self.st.sys_now;
                 rec.collect(self.lookback);
+                rec.procs.take_end();
                 let _ = self.out.try_send(Msg::Stall(rec));
             }
             None => {
@@ -262,7 +312,7 @@ impl Tick<'_> {
     /// Slot `i` was unregistered (or reused): a stall still open on it ends now.
     fn forget(&mut self, i: usize, generation: u64, now: u64) {
         if let Some(rec) = self.st.open[i].take() {
-            end_stall(self.out, self.st.trigger.as_ref(), rec, now);
+            self.end(rec, now);
         }
         if let Some((id, start, _)) = self.st.watched[i].stall.take() {
             probes::stall_end(id, now.saturating_sub(start));
@@ -290,7 +340,7 @@ impl Tick<'_> {
         match self.st.open[i].take() {
             Some(mut rec) => {
                 rec.duration_ns = end.saturating_sub(rec.start_ns);
-                end_stall(self.out, self.st.trigger.as_ref(), rec, now);
+                self.end(rec, now);
             }
             None => probes::stall_end(id, end.saturating_sub(start)),
         }
@@ -308,6 +358,17 @@ impl Tick<'_> {
             Some(t) => t.fire(id, tid, now),
             None => CaptureStatus::NotConfigured,
         };
+        // A freeze stalls several heartbeats: a stall that begins while another is open joins
+        // its incident.
+        let incident = self
+            .st
+            .open
+            .iter()
+            .flatten()
+            .map(|r| r.incident)
+            .next()
+            .unwrap_or(id);
+        let sys = self.sys_full();
         match self.st.pool.iter_mut().find_map(Option::take) {
             Some(mut rec) => {
                 rec.id = id;
@@ -319,6 +380,9 @@ impl Tick<'_> {
                 rec.duration_ns = 0;
                 rec.capture = capture;
                 rec.capture_spawned_ns = 0;
+                rec.incident = incident;
+                rec.incident_last = false;
+                rec.sys_before = sys;
                 rec.collect(self.lookback);
                 self.st.open[i] = Some(rec);
             }
@@ -397,9 +461,10 @@ impl Tick<'_> {
 
     /// Shutting down: stalls still open are reported as they stand.
     fn shut_down(&mut self) {
-        let LoopState { open, trigger, .. } = &mut **self.st;
-        for rec in open.iter_mut().filter_map(Option::take) {
-            end_stall(self.out, trigger.as_ref(), rec, monotonic_ns());
+        for i in 0..self.st.open.len() {
+            if let Some(rec) = self.st.open[i].take() {
+                self.end(rec, monotonic_ns());
+            }
         }
     }
 }

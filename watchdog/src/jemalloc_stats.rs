@@ -1,25 +1,15 @@
 //! jemalloc's own statistics for stall reports (feature `jemalloc`, on by default): allocated,
 //! active, resident, mapped and retained bytes, read after the stall.
 
-use serde::Serialize;
-
-/// The `jemalloc` object of a stall line.
-#[derive(Serialize, Default)]
-pub(crate) struct JemallocJson {
-    allocated: u64,
-    active: u64,
-    resident: u64,
-    mapped: u64,
-    retained: u64,
-}
+use crate::stall_report::JemallocStats;
 
 /// The statistics now; `None` without the `jemalloc` feature (or when jemalloc cannot say).
 #[cfg(feature = "jemalloc")]
-pub(crate) fn read() -> Option<JemallocJson> {
+pub(crate) fn read() -> Option<JemallocStats> {
     use tikv_jemalloc_ctl::{epoch, stats};
     // Advancing the epoch touches most jemalloc locks: only here, after the stall.
     epoch::advance().ok()?;
-    Some(JemallocJson {
+    Some(JemallocStats {
         allocated: stats::allocated::read().unwrap_or(0) as u64,
         active: stats::active::read().unwrap_or(0) as u64,
         resident: stats::resident::read().unwrap_or(0) as u64,
@@ -30,6 +20,6 @@ pub(crate) fn read() -> Option<JemallocJson> {
 
 /// Without the `jemalloc` feature: nothing (the stall line says `"jemalloc": null`).
 #[cfg(not(feature = "jemalloc"))]
-pub(crate) fn read() -> Option<JemallocJson> {
+pub(crate) fn read() -> Option<JemallocStats> {
     None
 }

@@ -55,9 +55,14 @@ mod report;
 mod running;
 #[cfg(ft_linux)]
 mod stall;
+pub mod stall_report;
 pub mod suspects;
 #[cfg(ft_linux)]
+mod sysview;
+#[cfg(ft_linux)]
 mod trigger;
+
+pub mod verdict;
 
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
@@ -66,6 +71,7 @@ pub mod tokio;
 
 pub use config::{CaptureConfig, WatchdogConfig};
 pub use heartbeat::Heartbeat;
+pub use stall_report::StallReport;
 #[cfg(ft_linux)]
 pub use trigger::CaptureStatus;
 

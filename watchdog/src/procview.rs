@@ -1,6 +1,10 @@
-//! The kernel's view of every thread, read from `/proc/self/task/*/{stat,wchan,stack}` into
-//! preallocated buffers with raw syscalls: no allocation and no `/proc/self/maps` (which can
+//! The kernel's view of every thread, read from `/proc/self/task/*/{stat,schedstat,wchan,stack}`
+//! into preallocated buffers with raw syscalls: no allocation and no `/proc/self/maps` (which can
 //! block on the very `mmap_lock` a freeze is stuck on; these files do not take it).
+//!
+//! A snapshot is taken when a stall is detected (state, `wchan`, kernel stack, counters) and
+//! the counters are read again when it ends ([`ProcSnapshot::take_end`]): their differences —
+//! CPU time, run-queue wait, minor and major faults — are the evidence of what the thread did.
 
 use serde::Serialize;
 
@@ -8,6 +12,26 @@ use serde::Serialize;
 pub const MAX_THREADS: usize = 64;
 const STACK_BYTES: usize = 1536;
 const WCHAN_BYTES: usize = 64;
+
+/// A thread's cumulative counters: from `stat` (faults, user and system time in clock ticks)
+/// and `schedstat` (time on CPU and waiting in the run queue, ns).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawCounters {
+    /// Both files were read.
+    pub valid: bool,
+    /// Minor faults.
+    pub minflt: u64,
+    /// Major faults.
+    pub majflt: u64,
+    /// User time, clock ticks.
+    pub utime_ticks: u64,
+    /// System time, clock ticks.
+    pub stime_ticks: u64,
+    /// Time on CPU, ns.
+    pub run_ns: u64,
+    /// Time runnable in the run queue, ns.
+    pub wait_ns: u64,
+}
 
 /// One thread as the kernel sees it.
 #[derive(Clone, Copy)]
@@ -17,6 +41,8 @@ pub struct ThreadView {
     name: [u8; 16],
     /// State letter from `stat` (`R`, `S`, `D`, `T`, ...).
     pub state: u8,
+    /// Counters when the snapshot was taken.
+    pub counters: RawCounters,
     wchan: [u8; WCHAN_BYTES],
     wchan_len: usize,
     stack: [u8; STACK_BYTES],
@@ -28,6 +54,15 @@ impl ThreadView {
         tid: 0,
         name: [0; 16],
         state: b'?',
+        counters: RawCounters {
+            valid: false,
+            minflt: 0,
+            majflt: 0,
+            utime_ticks: 0,
+            stime_ticks: 0,
+            run_ns: 0,
+            wait_ns: 0,
+        },
         wchan: [0; WCHAN_BYTES],
         wchan_len: 0,
         stack: [0; STACK_BYTES],
@@ -68,6 +103,12 @@ pub struct ProcSnapshot {
     /// Whether `/proc/self/task/*/stack` can be read (root); checked once by
     /// [`ProcSnapshot::check_access`], so a failing open never happens during a stall.
     pub stacks_readable: bool,
+    /// Nanoseconds per clock tick (`sysconf(_SC_CLK_TCK)`), read by `check_access`.
+    pub tick_ns: u64,
+    /// Each thread's counters when the stall ended (same order as the threads).
+    end: [RawCounters; MAX_THREADS],
+    /// `CLOCK_MONOTONIC` ns when the end counters were read (0: not yet).
+    pub end_ns: u64,
 }
 
 /// The JSON form of one thread (contract: `threads[]`).
@@ -94,6 +135,9 @@ impl ProcSnapshot {
             omitted: 0,
             taken_ns: 0,
             stacks_readable: false,
+            tick_ns: 0,
+            end: [RawCounters::default(); MAX_THREADS],
+            end_ns: 0,
         });
         s.check_access();
         s
@@ -118,8 +162,50 @@ impl ProcSnapshot {
             .collect()
     }
 
+    /// How thread `i`'s counters moved between the snapshot and [`ProcSnapshot::take_end`]:
+    /// `(cpu_ns, run_delay_ns, utime_ns, stime_ns, minflt, majflt)`; `None` when either reading
+    /// failed (the thread exited).
+    pub fn delta(&self, i: usize) -> Option<crate::verdict::Counters> {
+        let (a, b) = (self.threads.get(i)?.counters, *self.end.get(i)?);
+        if !a.valid || !b.valid || self.end_ns == 0 {
+            return None;
+        }
+        let t = self.tick_ns.max(1);
+        Some(crate::verdict::Counters {
+            cpu_ns: b.run_ns.saturating_sub(a.run_ns),
+            run_delay_ns: b.wait_ns.saturating_sub(a.wait_ns),
+            utime_ns: b
+                .utime_ticks
+                .saturating_sub(a.utime_ticks)
+                .saturating_mul(t),
+            stime_ns: b
+                .stime_ticks
+                .saturating_sub(a.stime_ticks)
+                .saturating_mul(t),
+            minflt: b.minflt.saturating_sub(a.minflt),
+            majflt: b.majflt.saturating_sub(a.majflt),
+        })
+    }
+
+    /// Reads every recorded thread's counters again, at the end of the stall. Never allocates.
+    pub fn take_end(&mut self) {
+        self.end_ns = base::clock::monotonic_ns();
+        for i in 0..self.len {
+            let mut c = RawCounters::default();
+            let _ = read_counters(self.threads[i].tid, &mut c);
+            self.end[i] = c;
+        }
+    }
+
     /// Decides once whether kernel stacks are readable here (call before any stall).
     pub fn check_access(&mut self) {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        self.tick_ns = if hz > 0 {
+            1_000_000_000 / hz as u64
+        } else {
+            10_000_000
+        };
         let fd = base::raw::open(b"/proc/self/stack\0", libc::O_RDONLY | libc::O_CLOEXEC);
         self.stacks_readable = fd >= 0 && {
             let mut b = [0u8; 64];
@@ -133,6 +219,7 @@ impl ProcSnapshot {
     pub fn take(&mut self) {
         self.len = 0;
         self.omitted = 0;
+        self.end_ns = 0;
         self.taken_ns = base::clock::monotonic_ns();
         let dir = base::raw::open(
             b"/proc/self/task\0",
@@ -176,22 +263,61 @@ impl ProcSnapshot {
             tid,
             ..ThreadView::EMPTY
         };
-        let mut stat = [0u8; 512];
-        let n = read_task_file(tid, b"stat", &mut stat);
-        // "TID (comm) S ...": comm may contain spaces or parens, so take the last ')'.
-        if let Some(close) = stat[..n].iter().rposition(|&b| b == b')') {
-            let open = stat[..n].iter().position(|&b| b == b'(').unwrap_or(0);
-            let comm = &stat[open + 1..close];
-            let k = comm.len().min(15);
-            t.name[..k].copy_from_slice(&comm[..k]);
-            t.state = stat.get(close + 2).copied().unwrap_or(b'?');
-        }
+        let (name, name_len, state) = read_counters(tid, &mut t.counters);
+        t.name[..name_len].copy_from_slice(&name[..name_len]);
+        t.state = state;
         t.wchan_len = read_task_file(tid, b"wchan", &mut t.wchan);
         if self.stacks_readable {
             t.stack_len = read_task_file(tid, b"stack", &mut t.stack);
         }
         self.len += 1;
     }
+}
+
+/// Reads `stat` and `schedstat` of thread `tid` into `out` (`valid` when both parsed) and
+/// returns its name (and length) and state letter. Never allocates.
+fn read_counters(tid: u64, out: &mut RawCounters) -> ([u8; 16], usize, u8) {
+    let mut name = [0u8; 16];
+    let mut name_len = 0;
+    let mut state = b'?';
+    *out = RawCounters::default();
+    let mut stat = [0u8; 512];
+    let n = read_task_file(tid, b"stat", &mut stat);
+    // "TID (comm) S ...": comm may contain spaces or parens, so take the last ')'.
+    let Some(close) = stat[..n].iter().rposition(|&b| b == b')') else {
+        return (name, name_len, state);
+    };
+    let open = stat[..n].iter().position(|&b| b == b'(').unwrap_or(0);
+    let comm = &stat[open + 1..close];
+    name_len = comm.len().min(15);
+    name[..name_len].copy_from_slice(&comm[..name_len]);
+    state = stat.get(close + 2).copied().unwrap_or(b'?');
+    // Fields after the comm, 0-based: 0 state, 7 minflt, 9 majflt, 11 utime, 12 stime.
+    let mut fields = stat[(close + 2).min(n)..n].split(|&b| b == b' ');
+    let mut nth = |k: usize| fields.nth(k).and_then(parse_u64);
+    let minflt = nth(7);
+    let majflt = nth(1);
+    let utime = nth(1);
+    let stime = nth(0);
+    let mut sched = [0u8; 96];
+    let m = read_task_file(tid, b"schedstat", &mut sched);
+    let mut it = sched[..m].split(|&b| b == b' ');
+    let run = it.next().and_then(parse_u64);
+    let wait = it.next().and_then(parse_u64);
+    if let (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)) =
+        (minflt, majflt, utime, stime, run, wait)
+    {
+        *out = RawCounters {
+            valid: true,
+            minflt: a,
+            majflt: b,
+            utime_ticks: c,
+            stime_ticks: d,
+            run_ns: e,
+            wait_ns: f,
+        };
+    }
+    (name, name_len, state)
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -265,6 +391,66 @@ mod tests {
         let (name, state) = h.join().unwrap();
         assert_eq!(name, "procview-test");
         assert_eq!(state, b'R');
+    }
+
+    #[test]
+    fn counters_move_with_what_each_thread_does() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let go = Arc::new(AtomicBool::new(false));
+        let spin = {
+            let go = go.clone();
+            std::thread::Builder::new()
+                .name("spinner".into())
+                .spawn(move || {
+                    while !go.load(Ordering::Relaxed) {}
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_millis(200) {
+                        std::hint::black_box(0u64);
+                    }
+                })
+                .unwrap()
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let fault = {
+            let (go, done) = (go.clone(), done.clone());
+            std::thread::Builder::new()
+                .name("faulter".into())
+                .spawn(move || {
+                    while !go.load(Ordering::Relaxed) {}
+                    let mut v = vec![0u8; 64 << 20];
+                    for i in (0..v.len()).step_by(4096) {
+                        v[i] = 1;
+                    }
+                    std::hint::black_box(&v);
+                    // Stay alive until the end counters are read.
+                    while !done.load(Ordering::Relaxed) {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                })
+                .unwrap()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut snap = ProcSnapshot::new_boxed();
+        snap.take();
+        go.store(true, Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        snap.take_end();
+        let of = |name: &str| {
+            let i = snap
+                .threads()
+                .iter()
+                .position(|t| t.name() == name)
+                .unwrap();
+            snap.delta(i).unwrap()
+        };
+        let s = of("spinner");
+        assert!(s.cpu_ns >= 60_000_000, "the spinner ran: {s:?}");
+        let f = of("faulter");
+        assert!(f.minflt >= 10_000, "64 MiB of fresh pages: {f:?}");
+        done.store(true, Ordering::Relaxed);
+        spin.join().unwrap();
+        fault.join().unwrap();
     }
 
     #[test]

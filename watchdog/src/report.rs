@@ -1,118 +1,23 @@
-//! The stall report thread: symbolizes suspects, adds jemalloc statistics, writes the human
-//! summary to stderr and the `stall` JSON line, then hands the record back to the pool.
+//! The stall report thread: turns each stall record into a typed [`StallReport`] — suspects
+//! symbolized, the growth hint, every thread's kernel view, jemalloc statistics and the
+//! verdict — hands the record back to the pool at once, and when the last stall of an
+//! incident ends, writes one `stall` JSON line per stall and one human paragraph for all of
+//! them.
 
 use crate::detector::Msg;
 use crate::forksafe::ForkSafeBox;
-use crate::stall::{Scope, StallRecord};
+use crate::stall::StallRecord;
+use crate::stall_report::{CaptureInfo, Scope, StallReport, Suspect, ThreadState};
 use crate::suspects::rank;
 use crate::trigger::CaptureStatus;
-use alloc_guard::symbolize::{first_user_frame, Frame, Symbolizer};
+use crate::verdict::{self, AllocEvidence, Evidence, ThreadEvidence};
+use alloc_guard::internal::{RawEvent, CAPACITY, RING};
+use alloc_guard::symbolize::{first_user_frame, Symbolizer};
 use alloc_guard::ReportWriter;
-use base::units::{HumanBytes, HumanNanos};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::Arc;
-
-#[derive(Serialize)]
-struct SuspectJson {
-    seq: u64,
-    size: u64,
-    old_size: u64,
-    kind: &'static str,
-    thread_id: u64,
-    thread_name: String,
-    delta_ns: i64,
-    in_flight: bool,
-    frames: Vec<Frame>,
-}
-
-#[derive(Serialize)]
-struct CaptureJson {
-    helper: Option<String>,
-    dir: Option<String>,
-    status: String,
-    /// CLOCK_MONOTONIC ns when posix_spawn returned (the helper had exec'd).
-    spawned_ns: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct StallJson {
-    event: &'static str,
-    id: u64,
-    scope: &'static str,
-    thread_id: u64,
-    thread_name: String,
-    start_ns: u64,
-    detected_ns: u64,
-    duration_ns: u64,
-    suspects: Vec<SuspectJson>,
-    threads: Vec<crate::procview::ThreadJson>,
-    threads_omitted: usize,
-    /// jemalloc's statistics after the stall; null without the `jemalloc` feature.
-    jemalloc: Option<crate::jemalloc_stats::JemallocJson>,
-    capture: CaptureJson,
-}
-
-/// Formats "3 ms before" / "12 ms after the stall began".
-fn when(delta_ns: i64) -> String {
-    if delta_ns >= 0 {
-        format!("{} before", HumanNanos(delta_ns as u64))
-    } else {
-        format!(
-            "{} after the stall began",
-            HumanNanos(delta_ns.unsigned_abs())
-        )
-    }
-}
-
-/// Builds the one-paragraph human summary.
-fn summary(rec: &StallRecord, top: Option<&SuspectJson>, capture: &CaptureJson) -> String {
-    let who = match rec.scope {
-        Scope::Process => "the whole process".to_string(),
-        Scope::Thread => format!("thread '{}' (tid {})", rec.name(), rec.thread_id),
-    };
-    let mut s = format!("freezetrap: {who} stalled {}", HumanNanos(rec.duration_ns));
-    match top {
-        Some(t) => {
-            let what = if t.old_size > 0 {
-                format!(
-                    "{} {} (from {})",
-                    HumanBytes(t.size),
-                    t.kind,
-                    HumanBytes(t.old_size)
-                )
-            } else {
-                format!("{} {}", HumanBytes(t.size), t.kind)
-            };
-            let whose = if rec.scope == Scope::Thread && t.thread_id == rec.thread_id {
-                "on the same thread".to_string()
-            } else {
-                format!("on thread '{}'", t.thread_name)
-            };
-            let state = if t.in_flight {
-                " (still in the allocator)"
-            } else {
-                ""
-            };
-            let at = first_user_frame(&t.frames)
-                .map(|f| f.to_string())
-                .unwrap_or_else(|| "<unknown caller>".into());
-            s.push_str(&format!(
-                "; suspect: {what}{state} {whose} {}, at {at}",
-                when(t.delta_ns)
-            ));
-        }
-        None => s.push_str("; no large allocation before it"),
-    }
-    match (&capture.dir, capture.status.as_str()) {
-        (Some(dir), st) if st == "running" || st == "exited 0" => {
-            s.push_str(&format!("; capture: {dir}"))
-        }
-        (_, "not configured") => {}
-        (_, st) => s.push_str(&format!("; capture {st}")),
-    }
-    s
-}
 
 /// What the report thread knows about the capture helper.
 pub(crate) struct HelperInfo {
@@ -128,6 +33,179 @@ pub(crate) struct HelperInfo {
     pub launchers: Sender<crate::launcher::Launcher>,
 }
 
+/// A `stall` line: the report with `"event": "stall"` in front.
+#[derive(Serialize)]
+struct StallLine<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    report: &'a StallReport,
+}
+
+/// The growth hint for the allocations at `site`, ending with `last` (an event still in the
+/// allocator is not in the ring yet: its size comes last).
+fn growth_at(
+    site: &str,
+    last: &RawEvent,
+    in_flight: bool,
+    ring: &[RawEvent],
+    sym: &mut Symbolizer,
+) -> Option<String> {
+    let mut sizes: Vec<u64> = ring
+        .iter()
+        .filter(|e| in_flight || e.seq <= last.seq)
+        .filter(|e| {
+            let frames = sym.resolve(e.frames());
+            first_user_frame(&frames).is_some_and(|f| f.to_string() == site)
+        })
+        .map(|e| e.size)
+        .collect();
+    if in_flight {
+        sizes.push(last.size);
+    }
+    alloc_guard::growth::detect(&sizes).map(|g| g.hint())
+}
+
+/// Everything the report thread keeps between stalls.
+struct Reporting {
+    sym: Symbolizer,
+    sys: crate::sysview::SysInfo,
+    /// Reports of incidents whose other stalls are still going on.
+    pending: BTreeMap<u64, Vec<StallReport>>,
+    ring: Vec<RawEvent>,
+}
+
+impl Reporting {
+    /// Builds the typed report of a finished stall (allocates: after the stall).
+    fn build(&mut self, rec: &StallRecord, helper: Option<&HelperInfo>) -> StallReport {
+        let ranked = rank(
+            rec.thread_id,
+            rec.start_ns,
+            &rec.in_flight[..rec.in_flight_len],
+            &rec.recent[..rec.recent_len],
+        );
+        let n = RING.events_between(0, u64::MAX, &mut self.ring);
+        let mut ring: Vec<RawEvent> = self.ring[..n].to_vec();
+        ring.reverse(); // oldest first
+        let mut suspects = Vec::new();
+        for (i, c) in ranked.iter().enumerate() {
+            let frames = self.sym.resolve(c.event.frames());
+            let site = first_user_frame(&frames).map(|f| f.to_string());
+            let growth = match (&site, i) {
+                (Some(site), 0) => growth_at(site, &c.event, c.in_flight, &ring, &mut self.sym),
+                _ => None,
+            };
+            suspects.push(Suspect {
+                seq: c.event.seq,
+                size: c.event.size,
+                old_size: c.event.old_size,
+                kind: c.event.kind.as_str().to_string(),
+                thread_id: c.event.thread_id,
+                thread_name: c.event.thread_name().to_string(),
+                delta_ns: c.delta_ns,
+                in_flight: c.in_flight,
+                frames,
+                growth,
+            });
+        }
+        let threads: Vec<ThreadState> = rec
+            .procs
+            .threads()
+            .iter()
+            .map(|t| ThreadState {
+                tid: t.tid,
+                name: t.name().to_string(),
+                state: (t.state as char).to_string(),
+                wchan: t.wchan().to_string(),
+                kernel_stack: t.kernel_stack(),
+            })
+            .collect();
+        let verdict = verdict::decide(&self.evidence(rec, &threads, &suspects));
+        StallReport {
+            id: rec.id,
+            scope: rec.scope,
+            thread_id: rec.thread_id,
+            thread_name: rec.name().to_string(),
+            start_ns: rec.start_ns,
+            detected_ns: rec.detected_ns,
+            duration_ns: rec.duration_ns,
+            suspects,
+            threads,
+            threads_omitted: rec.procs.omitted,
+            jemalloc: crate::jemalloc_stats::read(),
+            capture: CaptureInfo {
+                helper: helper.map(|h| h.helper.clone()),
+                dir: (!rec.capture_dir.is_empty()).then(|| rec.capture_dir.clone()),
+                status: rec.capture.describe(),
+                spawned_ns: (rec.capture_spawned_ns != 0).then_some(rec.capture_spawned_ns),
+            },
+            incident: rec.incident,
+            verdict,
+        }
+    }
+
+    /// The verdict's evidence, from the record's snapshots and counters.
+    fn evidence(
+        &self,
+        rec: &StallRecord,
+        threads: &[ThreadState],
+        suspects: &[Suspect],
+    ) -> Evidence {
+        let (process, mut unreadable) = self.sys.evidence(&rec.sys_before, &rec.sys_after);
+        if !rec.procs.stacks_readable {
+            unreadable.push("kernel stacks (not root)".into());
+        }
+        let mut stalled = None;
+        let mut others = Vec::new();
+        for (i, t) in threads.iter().enumerate() {
+            let te = ThreadEvidence {
+                tid: t.tid,
+                name: t.name.clone(),
+                state: t.state.chars().next().unwrap_or('?'),
+                wchan: t.wchan.clone(),
+                kernel_stack: t.kernel_stack.clone(),
+                delta: rec.procs.delta(i),
+            };
+            if rec.scope == Scope::Thread && t.tid == rec.thread_id {
+                stalled = Some(ThreadEvidence {
+                    name: rec.name().to_string(),
+                    ..te
+                });
+            } else {
+                others.push(te);
+            }
+        }
+        let window_ns = match rec.scope {
+            Scope::Process => rec
+                .sys_after
+                .taken_ns
+                .saturating_sub(rec.sys_before.taken_ns),
+            Scope::Thread => rec.procs.end_ns.saturating_sub(rec.procs.taken_ns),
+        };
+        Evidence {
+            process_scope: rec.scope == Scope::Process,
+            duration_ns: rec.duration_ns,
+            window_ns,
+            stalled,
+            others,
+            process,
+            allocations: suspects
+                .iter()
+                .map(|s| AllocEvidence {
+                    size: s.size,
+                    thread_id: s.thread_id,
+                    thread_name: s.thread_name.clone(),
+                    in_flight: s.in_flight,
+                    site: first_user_frame(&s.frames)
+                        .map(|f| f.to_string())
+                        .unwrap_or_else(|| "<unknown caller>".into()),
+                    growth: s.growth.clone(),
+                })
+                .collect(),
+            unreadable,
+        }
+    }
+}
+
 pub(crate) fn run(
     rx: Receiver<Msg>,
     pool: Sender<ForkSafeBox<StallRecord>>,
@@ -135,56 +213,31 @@ pub(crate) fn run(
     helper: Option<HelperInfo>,
 ) {
     alloc_guard::internal::mark_current_thread_internal();
-    let mut sym = Symbolizer::new();
+    let mut r = Reporting {
+        sym: Symbolizer::new(),
+        sys: crate::sysview::SysInfo::find(),
+        pending: BTreeMap::new(),
+        ring: vec![RawEvent::EMPTY; CAPACITY],
+    };
     for msg in rx {
         match msg {
             Msg::Stall(rec) => {
-                let ranked = rank(
-                    rec.thread_id,
-                    rec.start_ns,
-                    &rec.in_flight[..rec.in_flight_len],
-                    &rec.recent[..rec.recent_len],
-                );
-                let suspects: Vec<SuspectJson> = ranked
-                    .iter()
-                    .map(|c| SuspectJson {
-                        seq: c.event.seq,
-                        size: c.event.size,
-                        old_size: c.event.old_size,
-                        kind: c.event.kind.as_str(),
-                        thread_id: c.event.thread_id,
-                        thread_name: c.event.thread_name().to_string(),
-                        delta_ns: c.delta_ns,
-                        in_flight: c.in_flight,
-                        frames: sym.resolve(c.event.frames()),
-                    })
-                    .collect();
-                let capture = CaptureJson {
-                    helper: helper.as_ref().map(|h| h.helper.clone()),
-                    dir: (!rec.capture_dir.is_empty()).then(|| rec.capture_dir.clone()),
-                    status: rec.capture.describe(),
-                    spawned_ns: (rec.capture_spawned_ns != 0).then_some(rec.capture_spawned_ns),
-                };
-                eprintln!("{}", summary(&rec, suspects.first(), &capture));
-                writer.write_json(&StallJson {
-                    event: "stall",
-                    id: rec.id,
-                    scope: match rec.scope {
-                        Scope::Process => "process",
-                        Scope::Thread => "thread",
-                    },
-                    thread_id: rec.thread_id,
-                    thread_name: rec.name().to_string(),
-                    start_ns: rec.start_ns,
-                    detected_ns: rec.detected_ns,
-                    duration_ns: rec.duration_ns,
-                    suspects,
-                    threads: rec.procs.to_json(),
-                    threads_omitted: rec.procs.omitted,
-                    jemalloc: crate::jemalloc_stats::read(),
-                    capture,
-                });
+                let report = r.build(&rec, helper.as_ref());
+                let (incident, last) = (rec.incident, rec.incident_last);
+                // The record goes back at once: an incident's other stalls may need it.
                 let _ = pool.try_send(rec);
+                let reports = r.pending.entry(incident).or_default();
+                reports.push(report);
+                if last {
+                    let reports = r.pending.remove(&incident).unwrap_or_default();
+                    eprintln!("{}", crate::stall_report::human_summary(&reports));
+                    for report in &reports {
+                        writer.write_json(&StallLine {
+                            event: "stall",
+                            report,
+                        });
+                    }
+                }
             }
             Msg::CaptureDone {
                 stall_id,
@@ -226,6 +279,16 @@ pub(crate) fn run(
                 eprintln!("freezetrap: stall {stall_id} detected but not recorded: the report thread is behind (counted)");
                 writer.write_json(&serde_json::json!({"event": "stall_dropped", "id": stall_id}));
             }
+        }
+    }
+    // Incidents cut short by a shutdown still get said.
+    for (_, reports) in std::mem::take(&mut r.pending) {
+        eprintln!("{}", crate::stall_report::human_summary(&reports));
+        for report in &reports {
+            writer.write_json(&StallLine {
+                event: "stall",
+                report,
+            });
         }
     }
 }

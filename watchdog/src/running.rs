@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// Records kept ready for stalls (more concurrent stalls than this are counted, not detailed).
-pub(crate) const POOL: usize = 4;
+pub(crate) const POOL: usize = 8;
 
 /// Lateness samples from the watchdog thread, fed into the histogram by readers.
 ///

@@ -11,14 +11,7 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// Recent large allocations kept per stall.
 pub const MAX_RECENT: usize = 32;
 
-/// Whole-process or one thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// The watchdog itself woke late: everything was frozen.
-    Process,
-    /// A heartbeat stopped moving.
-    Thread,
-}
+pub use crate::stall_report::Scope;
 
 /// Everything known about a stall. Preallocated; reused.
 pub struct StallRecord {
@@ -52,6 +45,15 @@ pub struct StallRecord {
     pub capture_dir: String,
     /// `CLOCK_MONOTONIC` ns when the helper's spawn returned (0 = not started).
     pub capture_spawned_ns: u64,
+    /// The incident this stall belongs to (the id of its first stall).
+    pub incident: u64,
+    /// No other stall of the incident is still open: its report can be written.
+    pub incident_last: bool,
+    /// Process-wide counters before the stall (a process stall: the tick before it; a
+    /// thread stall: at detection) and after it.
+    pub sys_before: crate::sysview::SysCounters,
+    /// Process-wide counters at the end.
+    pub sys_after: crate::sysview::SysCounters,
 }
 
 impl StallRecord {
