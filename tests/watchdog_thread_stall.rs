@@ -188,7 +188,7 @@ fn a_blocked_heartbeat_is_a_thread_stall_and_the_helper_starts_during_it() {
     assert_eq!(v["cause"], "unknown", "{v:#}");
     assert!(
         line.ends_with(v["text"].as_str().unwrap())
-            && line.contains("asleep (state S in hrtimer_nanosleep)"),
+            && line.contains("asleep (state S in hrtimer_nanosleep"),
         "{line}"
     );
     // Kernel view of the stalled thread: sleeping in a timer.

@@ -203,3 +203,118 @@ pub fn heartbeating_mmappers(
         })
         .collect()
 }
+
+/// What a verdict scenario's service reported.
+pub struct Scenario {
+    /// The `stall` lines of its report.
+    pub stalls: Vec<serde_json::Value>,
+    /// Its stderr.
+    pub stderr: String,
+    /// Its stdout.
+    pub stdout: String,
+}
+
+impl Scenario {
+    /// The stalls whose verdict is `cause`.
+    pub fn with_cause(&self, cause: &str) -> Vec<&serde_json::Value> {
+        self.stalls
+            .iter()
+            .filter(|s| s["verdict"]["cause"] == cause)
+            .collect()
+    }
+
+    /// Every stall's cause, confidence and text, for failure messages.
+    pub fn verdicts(&self) -> String {
+        self.stalls
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} '{}' {} ms: {} ({}) {} | evidence {}",
+                    s["scope"],
+                    s["thread_name"].as_str().unwrap_or(""),
+                    s["duration_ns"].as_u64().unwrap_or(0) / 1_000_000,
+                    s["verdict"]["cause"],
+                    s["verdict"]["confidence"],
+                    s["verdict"]["text"],
+                    s["verdict"]["evidence"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Runs this test binary's `test_name` in `role` as a service with the watchdog on (stall
+/// threshold `stall`), extra environment `env`, and returns what it reported. `prepare` may
+/// act on the running child (its pid) before it is waited for.
+pub fn run_scenario(
+    test_name: &str,
+    role: &str,
+    stall: &str,
+    env: &[(&str, &str)],
+    prepare: impl FnOnce(u32),
+) -> Scenario {
+    use std::process::Stdio;
+    let dir = TempDir::new(role);
+    let out = dir.path().join("out");
+    let mut cmd = child(test_name, role);
+    cmd.env("FREEZETRAP_STALL", stall)
+        .env("FREEZETRAP_OUT", &out)
+        .env("FREEZETRAP_REPORT", "report.jsonl")
+        .env("FREEZETRAP_ALLOC_THRESHOLD", "64MiB")
+        .env("FREEZETRAP_QUIET", "1")
+        .env("FT_SCRATCH", dir.path());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut c = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the service");
+    prepare(c.id());
+    drop(c.stdin.take()); // "go": the service reads stdin to its end before its stall
+    let start = Instant::now();
+    loop {
+        if c.try_wait().unwrap().is_some() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = c.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = c.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "the {role} service failed: {:?}\n{stderr}",
+        o.status
+    );
+    if std::env::var_os("FT_SHOW_VERDICTS").is_some() {
+        eprintln!("== {role}\n{stderr}");
+    }
+    Scenario {
+        stalls: stalls(&out.join("report.jsonl")),
+        stderr,
+        stdout,
+    }
+}
+
+/// Waits for stdin to close: the test's "go".
+pub fn wait_for_go() {
+    let mut s = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s);
+}
+
+/// A heartbeat that beats for `ms` (every 5 ms), on the calling thread.
+pub fn beat_for(hb: &freezetrap::Heartbeat, ms: u64) {
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        hb.beat();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

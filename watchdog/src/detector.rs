@@ -156,6 +156,8 @@ impl Detector {
             lookback: ns(self.cfg.lookback),
         };
         let period = ns(self.cfg.tick);
+        // A first reading, so the first tick already has a baseline.
+        tick.sample_sys(u64::MAX);
         let mut deadline = monotonic_ns().saturating_add(period);
         while !self.shared.stop.load(Ordering::Acquire) {
             base::raw::sleep_until(deadline);

@@ -269,6 +269,14 @@ impl ProcSnapshot {
         t.wchan_len = read_task_file(tid, b"wchan", &mut t.wchan);
         if self.stacks_readable {
             t.stack_len = read_task_file(tid, b"stack", &mut t.stack);
+            // A thread on a CPU shows an empty stack; the holder of a lock the others wait for
+            // (a fork copying page tables) often is one. A few more tries catch it between
+            // two slices of work now and then (each read is one small syscall).
+            let mut tries = 0;
+            while t.stack_len == 0 && t.state == b'R' && tries < 8 {
+                t.stack_len = read_task_file(tid, b"stack", &mut t.stack);
+                tries += 1;
+            }
         }
         self.len += 1;
     }

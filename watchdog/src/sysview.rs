@@ -21,6 +21,7 @@ const PSI_CPU: u16 = 1 << 3;
 const PSI_MEM: u16 = 1 << 4;
 const PSI_IO: u16 = 1 << 5;
 const RECLAIM: u16 = 1 << 6;
+const FORKS: u16 = 1 << 7;
 
 /// One reading of the process-wide counters. Plain integers (valid as zeroes); `readable` says
 /// which were read.
@@ -39,6 +40,8 @@ pub struct SysCounters {
     pub psi_us: [u64; 3],
     /// `allocstall_*` + `compact_stall` from `/proc/vmstat`.
     pub reclaim_stalls: u64,
+    /// `processes` from `/proc/stat`: forks since boot, machine-wide.
+    pub forks: u64,
 }
 
 impl SysCounters {
@@ -55,6 +58,7 @@ pub(crate) struct SysView {
     cpu_stat_v2: bool,
     psi: [RawFd; 3],
     vmstat: RawFd,
+    stat: RawFd,
 }
 
 fn open_fd(path: &str) -> RawFd {
@@ -126,6 +130,7 @@ impl SysView {
             cpu_stat_v2,
             psi,
             vmstat: open_fd("/proc/vmstat"),
+            stat: open_fd("/proc/stat"),
         }
     }
 
@@ -136,7 +141,8 @@ impl SysView {
         let keep_full = (
             out.psi_us,
             out.reclaim_stalls,
-            out.readable & (PSI_CPU | PSI_MEM | PSI_IO | RECLAIM),
+            out.forks,
+            out.readable & (PSI_CPU | PSI_MEM | PSI_IO | RECLAIM | FORKS),
         );
         *out = SysCounters {
             taken_ns: base::clock::monotonic_ns(),
@@ -144,7 +150,7 @@ impl SysView {
         };
         if !full {
             // Keep the last full reading's values (and their bits).
-            (out.psi_us, out.reclaim_stalls, out.readable) = keep_full;
+            (out.psi_us, out.reclaim_stalls, out.forks, out.readable) = keep_full;
         }
         if let Some(text) = read(self.self_stat, &mut buf) {
             // After the comm: field 11 utime, 12 stime (0-based, state = 0).
@@ -204,6 +210,14 @@ impl SysView {
                 out.readable |= RECLAIM;
             }
         }
+        // /proc/stat's `intr` line can be long: a buffer of its own, read only in full samples.
+        let mut big = [0u8; 16384];
+        if let Some(text) = read(self.stat, &mut big) {
+            if let Some(v) = keyed(text, b"processes") {
+                out.forks = v;
+                out.readable |= FORKS;
+            }
+        }
     }
 }
 
@@ -258,6 +272,7 @@ impl SysInfo {
             psi_io_us: say(both(PSI_IO), "PSI io").then(|| d(a.psi_us[2], b.psi_us[2])),
             reclaim_stalls: say(both(RECLAIM), "/proc/vmstat")
                 .then(|| d(a.reclaim_stalls, b.reclaim_stalls)),
+            forks: say(both(FORKS), "/proc/stat").then(|| d(a.forks, b.forks)),
         };
         (e, unreadable)
     }
