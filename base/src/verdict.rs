@@ -84,6 +84,23 @@ pub enum Confidence {
     High,
 }
 
+impl Confidence {
+    /// The name used in reports (`high`, `medium`, `low`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confidence::Low => "low",
+            Confidence::Medium => "medium",
+            Confidence::High => "high",
+        }
+    }
+}
+
+impl fmt::Display for Confidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Who did it, when someone did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Culprit {

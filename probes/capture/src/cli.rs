@@ -53,7 +53,8 @@ struct TriggeredArgs {
     /// The process to record.
     #[arg(long, required = true)]
     pid: Option<u32>,
-    /// The stalled thread (recorded by the caller; the capture covers the whole process).
+    /// The stalled thread: `stalled_thread` and the verdict follow it (the capture covers the
+    /// whole process; 0 or none for a stall of the whole process).
     #[arg(long)]
     tid: Option<u64>,
     /// The watchdog's stall id (informational).
@@ -309,10 +310,13 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
     };
     // Read stdout and stderr on threads; print "recording" as soon as bpftrace says it attached.
     let stdout = child.stdout.take().expect("piped");
+    let recording_since = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let since = recording_since.clone();
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         crate::for_each_line(stdout, |line| {
             if line.contains("\"printf\"") && line.contains("recording") {
+                let _ = since.set(Instant::now());
                 eprintln!("freezetrap-capture: recording");
             }
             all.push_str(&line);
@@ -354,6 +358,7 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let ended = Instant::now();
     let output = reader.join().unwrap_or_default();
     let stderr = errors.join().unwrap_or_default();
     let mut maps = parse_maps(&output);
@@ -375,11 +380,21 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
         resymbolize(&mut maps, &syms);
     }
 
-    let recorded_s = started
-        .elapsed()
+    // From bpftrace's "recording" (its probes attached) to its end.
+    let recorded_s = recording_since
+        .get()
+        .map(|t| ended.saturating_duration_since(*t))
+        .unwrap_or_else(|| ended.saturating_duration_since(started))
         .as_secs_f64()
         .min(a.duration.as_secs_f64());
-    let mut summary = summarize(pid, a.duration.as_secs().max(1), &maps);
+    // The recording starts during the stall (the watchdog runs the helper on detection), so
+    // all of it is the stall's window.
+    let stall = crate::StallWindow {
+        tid: a.tid,
+        maps: &maps,
+        us: (recorded_s * 1e6) as u64,
+    };
+    let mut summary = summarize(pid, (recorded_s * 1e6) as u64, &maps, &stall);
     summary.target_exited_after_s = target_exited;
     summary.stopped_by_signal = stopped_by_signal;
     let title = format!("Off-CPU time, pid {pid} ({recorded_s:.1} s)");

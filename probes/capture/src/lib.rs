@@ -7,8 +7,8 @@
 //! - [`armed`], the flight recorder: attached in advance, it keeps a rolling window and writes
 //!   it when the target fires `freezetrap:stall_begin` (`armed.bt`).
 //!
-//! [`maps`] turns bpftrace's JSON map dumps into folded stacks and [`summary`] into the summary:
-//! pure functions, tested without bpftrace, a kernel or root.
+//! [`maps`] turns bpftrace's JSON map dumps into folded stacks, [`summary`] into the summary and
+//! [`conclude`] into the verdict: pure functions, tested without bpftrace, a kernel or root.
 
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
@@ -16,6 +16,7 @@
 pub mod armed;
 mod bpftrace;
 pub mod cli;
+pub mod conclude;
 pub mod frame_pointers;
 pub mod maps;
 pub mod output;
@@ -28,7 +29,8 @@ pub(crate) use bpftrace::{
     bpftrace_command, collect_stderr, first_error, for_each_line, install_stop_handlers, interrupt,
     stop_bpftrace, stop_requested,
 };
-pub use maps::{folded, parse_maps, resymbolize, split_key, Maps};
+pub use conclude::StallWindow;
+pub use maps::{fold, folded, parse_maps, resymbolize, split_key, Key, Maps};
 pub use summary::{human, summarize, Summary};
 
 /// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).

@@ -36,9 +36,25 @@ pub fn parse_maps(output: &str) -> Maps {
     maps
 }
 
-/// Removes a legacy Rust symbol hash (`::h0123456789abcdef`) and the `+offset`.
+/// A symbol as bpftrace printed it, made readable: mangled Rust (v0 `_R...`, legacy `_ZN...`)
+/// demangled, legacy escapes bpftrace's C++ demangler left (`$u7b$`, `$LT$`, ...) decoded,
+/// the legacy hash (`::h0123456789abcdef`) and the `+offset` removed.
 fn clean_symbol(sym: &str) -> String {
     let sym = sym.split('+').next().unwrap_or(sym);
+    let demangled;
+    let sym = if sym.starts_with("_R") || sym.starts_with("_ZN") {
+        demangled = symbols::demangle(sym);
+        demangled.as_str()
+    } else {
+        sym
+    };
+    let unescaped;
+    let sym = if sym.contains('$') {
+        unescaped = unescape_legacy(sym);
+        unescaped.as_str()
+    } else {
+        sym
+    };
     let sym = match sym.rfind("::h") {
         Some(i) if sym.len() - i == 19 && sym[i + 3..].chars().all(|c| c.is_ascii_hexdigit()) => {
             &sym[..i]
@@ -46,6 +62,28 @@ fn clean_symbol(sym: &str) -> String {
         _ => sym,
     };
     sym.replace(';', ":")
+}
+
+/// Decodes the escapes of legacy Rust mangling (`$LT$` for `<`, `$u7b$` for `{`, ...).
+fn unescape_legacy(sym: &str) -> String {
+    const ESCAPES: [(&str, &str); 13] = [
+        ("$LT$", "<"),
+        ("$GT$", ">"),
+        ("$RF$", "&"),
+        ("$BP$", "*"),
+        ("$C$", ","),
+        ("$SP$", "@"),
+        ("$u20$", " "),
+        ("$u27$", "'"),
+        ("$u5b$", "["),
+        ("$u5d$", "]"),
+        ("$u7b$", "{"),
+        ("$u7d$", "}"),
+        ("$u7e$", "~"),
+    ];
+    ESCAPES
+        .iter()
+        .fold(sym.to_string(), |s, (from, to)| s.replace(from, to))
 }
 
 /// Kernel frames of a bpftrace kstack text, innermost first (`func+off` per line).
@@ -135,38 +173,65 @@ pub fn resymbolize(maps: &mut Maps, syms: &symbols::TargetSymbols) {
     }
 }
 
-/// Splits a `comm, kstack[, ustack]` map key. bpftrace joins key parts with `,`; a stack is
-/// empty or `\n` plus one line per frame, kernel frames indented with spaces and `ustack(perf)`
-/// frames with a tab. A thread name cannot hold a newline, so the first `,\n` ends it.
-pub fn split_key(key: &str) -> (String, Vec<String>, Vec<String>) {
-    let first_stack = key.find(",\n").unwrap_or(key.len());
-    let comm = key[..first_stack].trim_end_matches(',').trim().to_string();
-    let stacks = &key[first_stack..];
+/// One map key, split: `tid, comm[, kstack[, ustack]]` as both recording programs write them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Key {
+    /// The thread (its kernel id); 0 when the key has none.
+    pub tid: u64,
+    /// The thread's name.
+    pub comm: String,
+    /// Kernel frames, innermost first.
+    pub kernel: Vec<String>,
+    /// User frames, innermost first.
+    pub user: Vec<String>,
+}
+
+/// Splits a `tid, comm, kstack[, ustack]` map key. bpftrace joins key parts with `,`; the
+/// thread id is digits; a stack is empty or `\n` plus one line per frame, kernel frames
+/// indented with spaces and `ustack(perf)` frames with a tab. A thread name cannot hold a
+/// newline, so the first `,\n` after it ends it. A key without a leading thread id (a map
+/// printed by hand-written programs) gets tid 0.
+pub fn split_key(key: &str) -> Key {
+    let (tid, rest) = match key.split_once(',') {
+        Some((t, rest)) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+            (t.parse().unwrap_or(0), rest)
+        }
+        _ => (0, key),
+    };
+    let first_stack = rest.find(",\n").unwrap_or(rest.len());
+    let comm = rest[..first_stack].trim_end_matches(',').trim().to_string();
+    let stacks = &rest[first_stack..];
     let (k, u) = match stacks.find(",\n\t") {
         Some(i) => (&stacks[..i], &stacks[i..]),
         None => (stacks, ""),
     };
-    (
+    Key {
+        tid,
         comm,
-        kernel_frames(k.trim_matches(',')),
-        user_frames(u.trim_start_matches(',')),
-    )
+        kernel: kernel_frames(k.trim_matches(',')),
+        user: user_frames(u.trim_start_matches(',')),
+    }
+}
+
+/// One stack in folded form: `comm;user outermost..innermost;kernel outer..inner_[k]`.
+pub fn fold(key: &Key) -> String {
+    let mut frames = vec![if key.comm.is_empty() {
+        "?".to_string()
+    } else {
+        key.comm.replace(' ', "_")
+    }];
+    frames.extend(key.user.iter().rev().cloned());
+    frames.extend(key.kernel.iter().rev().map(|f| format!("{f}_[k]")));
+    frames.join(";")
 }
 
 /// Brendan Gregg's folded format: `comm;user outermost..innermost;kernel outer..inner_[k] value`,
-/// one line per stack, sorted, equal stacks merged.
+/// one line per stack, sorted, equal stacks merged (threads of one name merge: a flame graph
+/// reads by name).
 pub fn folded(map: Option<&BTreeMap<String, u64>>) -> Vec<String> {
     let mut acc: BTreeMap<String, u64> = BTreeMap::new();
     for (key, v) in map.into_iter().flatten() {
-        let (comm, k, u) = split_key(key);
-        let mut frames = vec![if comm.is_empty() {
-            "?".to_string()
-        } else {
-            comm.replace(' ', "_")
-        }];
-        frames.extend(u.iter().rev().cloned());
-        frames.extend(k.iter().rev().map(|f| format!("{f}_[k]")));
-        *acc.entry(frames.join(";")).or_insert(0) += v;
+        *acc.entry(fold(&split_key(key))).or_insert(0) += v;
     }
     acc.into_iter().map(|(s, v)| format!("{s} {v}")).collect()
 }
@@ -176,10 +241,10 @@ mod tests {
     use super::*;
 
     const SAMPLE: &str = r#"{"type": "attached_probes", "data": {"probes": 6}}
-{"type": "map", "data": {"@off": {"mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10, "sleeper,\n    __schedule+1\n    schedule+2\n    do_nanosleep+3\n    hrtimer_nanosleep+4\n,": 90000}}}
-{"type": "map", "data": {"@lock_wait_max_us": {"mmapper-0": 50400, "mmapper-1": 900}}}
-{"type": "map", "data": {"@write_hold_us": {"app,\n    mmap_write_unlock+10\n    dup_mmap+900\n    copy_process+2000\n    kernel_clone+100\n": 48800}}}
-{"type": "map", "data": {"@on": {"app,\n    x+1\n,\n": 7}}}
+{"type": "map", "data": {"@off": {"101,mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "100,main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10, "102,sleeper,\n    __schedule+1\n    schedule+2\n    do_nanosleep+3\n    hrtimer_nanosleep+4\n,": 90000}}}
+{"type": "map", "data": {"@lock_wait_max_us": {"101,mmapper-0": 50400, "103,mmapper-1": 900}}}
+{"type": "map", "data": {"@write_hold_us": {"100,app,\n    mmap_write_unlock+10\n    dup_mmap+900\n    copy_process+2000\n    kernel_clone+100\n": 48800}}}
+{"type": "map", "data": {"@on": {"100,app,\n    x+1\n,\n": 7}}}
 "#;
 
     #[test]
@@ -197,24 +262,49 @@ mod tests {
 
     #[test]
     fn keys_with_an_empty_stack_split_cleanly() {
+        let frames = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         // A sample taken in user mode has no kernel stack.
-        let (c, k, u) = split_key("bash,,\n\t5555 find_child+0 (/usr/bin/bash)\n");
-        assert_eq!(
-            (c.as_str(), k.len(), u),
-            ("bash", 0, vec!["find_child".to_string()])
-        );
+        let k = split_key("77,bash,,\n\t5555 find_child+0 (/usr/bin/bash)\n");
+        assert_eq!((k.tid, k.comm.as_str(), k.kernel.len()), (77, "bash", 0));
+        assert_eq!(k.user, frames(&["find_child"]));
         // A kernel thread has no user stack.
-        let (c, k, u) = split_key("kworker/0:1,\n    worker_thread+1\n,");
+        let k = split_key("9,kworker/0:1,\n    worker_thread+1\n,");
         assert_eq!(
-            (c.as_str(), k, u.len()),
-            ("kworker/0:1", vec!["worker_thread".to_string()], 0)
+            (k.comm.as_str(), k.kernel, k.user.len()),
+            ("kworker/0:1", frames(&["worker_thread"]), 0)
         );
-        // Two parts (the write-hold map).
-        let (c, k, _) = split_key("app,\n    dup_mmap+9\n    copy_process+2\n");
-        assert_eq!(c, "app");
-        assert_eq!(k, ["dup_mmap", "copy_process"]);
-        let (c, k, u) = split_key("idle,,");
-        assert_eq!((c.as_str(), k.len(), u.len()), ("idle", 0, 0));
+        // Three parts (the write-hold map), two (the run-queue map), and a name with a comma
+        // and digits.
+        let k = split_key("5,app,\n    dup_mmap+9\n    copy_process+2\n");
+        assert_eq!((k.tid, k.comm.as_str()), (5, "app"));
+        assert_eq!(k.kernel, frames(&["dup_mmap", "copy_process"]));
+        let k = split_key("12,w,1");
+        assert_eq!((k.tid, k.comm.as_str(), k.kernel.len()), (12, "w,1", 0));
+        let k = split_key("3,idle,,");
+        assert_eq!(
+            (k.tid, k.comm.as_str(), k.kernel.len(), k.user.len()),
+            (3, "idle", 0, 0)
+        );
+        // No thread id: a hand-written program's map.
+        let k = split_key("idle,,");
+        assert_eq!((k.tid, k.comm.as_str()), (0, "idle"));
+    }
+
+    #[test]
+    fn names_bpftrace_left_mangled_are_demangled() {
+        let f = user_frames(concat!(
+            "\t7f00 _RNvNvMs0_NtNtNtCsjrHSEGnQ3l9_3std3sys6thread4unixNtB7_6Thread3new12thread_start+17 (/bin/app)\n",
+            "\t7f01 core::ops::function::FnOnce::call_once$u7b$$u7b$vtable.shim$u7d$$u7d$::h0123456789abcdef+9 (/bin/app)\n",
+            "\t7f02 _ZN4core3ptr13drop_in_place17h0123456789abcdefE+1 (/bin/app)\n",
+        ));
+        assert_eq!(
+            f,
+            [
+                "<std::sys::thread::unix::Thread>::new::thread_start",
+                "core::ops::function::FnOnce::call_once{{vtable.shim}}",
+                "core::ptr::drop_in_place",
+            ]
+        );
     }
 
     #[inline(never)]
@@ -229,7 +319,7 @@ mod tests {
         // Two frames: the innermost at the function's first byte, then a return address just
         // past it (looked up at `addr - 1`, still inside the function).
         let key = format!(
-            "t,\n    x+1\n,\n\t{f:x} [unknown] (/x)\n\t{:x} [unknown] (/x)\n",
+            "1,t,\n    x+1\n,\n\t{f:x} [unknown] (/x)\n\t{:x} [unknown] (/x)\n",
             f + 1
         );
         let mut maps = Maps::new();
@@ -237,7 +327,7 @@ mod tests {
         resymbolize(&mut maps, &syms);
         let (key, v) = maps["@off"].iter().next().unwrap();
         assert_eq!(*v, 7);
-        let (_, _, user) = split_key(key);
+        let user = split_key(key).user;
         assert_eq!(user.len(), 2, "{key}");
         assert!(
             user.iter().all(|u| u.ends_with("a_frame_to_rename")),

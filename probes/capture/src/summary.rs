@@ -1,11 +1,15 @@
-//! `summary.json` and the one-line human summary of a capture: totals, the heaviest blocking
-//! stacks (with idle waits set apart), the mmap_lock holder and waiters.
+//! `summary.json` and the one-line human summary of a capture: the verdict, totals, the
+//! heaviest blocking stacks (with idle waits and freezetrap's own threads set apart), the
+//! mmap_lock holder and waiters, the stalled thread's share.
 
-use crate::maps::{folded, split_key, Maps};
+use crate::conclude::{self, StallWindow, StalledThread};
+use crate::maps::{fold, folded, split_key, Maps};
+use base::verdict::Verdict;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
-/// One blocking stack in the summary.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+/// One stack in the summary with its time.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Blocking {
     /// The folded stack.
     pub stack: String,
@@ -32,21 +36,29 @@ pub struct MmapLock {
 pub struct Summary {
     /// Target pid.
     pub pid: u32,
-    /// Recording length, seconds.
+    /// Recording length, seconds (rounded).
     pub duration_s: u64,
     /// Total off-CPU time recorded, µs.
     pub offcpu_total_us: u64,
     /// Heaviest off-CPU stacks, heaviest first (at most 10).
     pub top_blocking: Vec<Blocking>,
-    /// The same without threads that were idle by choice (sleeping, polling): what a freeze
-    /// made threads wait for. Heaviest first, at most 10.
+    /// The same without waits that were idle by choice (sleeping, polling, a futex wait that
+    /// lasted the whole recording) and without freezetrap's own threads: what a freeze made
+    /// the service's threads wait for. Heaviest first, at most 10.
     pub top_waits: Vec<Blocking>,
-    /// Off-CPU time of those idle stacks, µs.
+    /// Off-CPU time of those idle waits, µs.
     pub idle_us: u64,
+    /// Time threads waited runnable for a CPU, µs (not part of `offcpu_total_us`).
+    pub runq_total_us: u64,
     /// mmap_lock waits and holds.
     pub mmap_lock: MmapLock,
     /// On-CPU samples recorded.
     pub oncpu_samples: u64,
+    /// The stalled thread's time inside the stall (when the capture was told which thread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_thread: Option<StalledThread>,
+    /// What caused the stall, from this capture's evidence (the watchdog's shape).
+    pub verdict: Verdict,
     /// The target exited this many seconds into the recording, which then ended early (its
     /// user frames are named from the files read while it ran).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,8 +68,10 @@ pub struct Summary {
     pub stopped_by_signal: bool,
 }
 
-/// Builds the summary from the maps.
-pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
+/// Builds the summary from the maps: `maps` is everything recorded over `recorded_us`, `stall`
+/// the part of it the stall spans and the stalled thread, for `stalled_thread` and the verdict.
+pub fn summarize(pid: u32, recorded_us: u64, maps: &Maps, stall: &StallWindow) -> Summary {
+    let duration_s = ((recorded_us + 500_000) / 1_000_000).max(1);
     let off = folded(maps.get("@off"));
     let mut blocking: Vec<Blocking> = off
         .iter()
@@ -70,21 +84,8 @@ pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
         .collect();
     let offcpu_total_us = blocking.iter().map(|b| b.us).sum();
     blocking.sort_by_key(|b| std::cmp::Reverse(b.us));
-    let idle_us = blocking
-        .iter()
-        .filter(|b| is_idle(&b.stack))
-        .map(|b| b.us)
-        .sum();
-    let top_waits: Vec<Blocking> = blocking
-        .iter()
-        .filter(|b| !is_idle(&b.stack))
-        .take(10)
-        .map(|b| Blocking {
-            stack: b.stack.clone(),
-            us: b.us,
-        })
-        .collect();
     blocking.truncate(10);
+    let (top_waits, idle_us) = waits(maps.get("@off"), recorded_us);
     let mut lock = MmapLock::default();
     if let Some(w) = maps.get("@lock_wait_max_us") {
         lock.max_wait_us = w.values().copied().max().unwrap_or(0);
@@ -93,7 +94,7 @@ pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
     if let Some(h) = maps.get("@write_hold_us") {
         if let Some((key, &v)) = h.iter().max_by_key(|(_, &v)| v) {
             lock.max_write_hold_us = v;
-            let (_, mut k, _) = split_key(key);
+            let mut k = split_key(key).kernel;
             // The innermost frames are the tracepoint's own helpers, not the holder.
             k.retain(|f| !f.contains("mmap_lock_do_trace"));
             lock.holder_stack = k.iter().rev().cloned().collect::<Vec<_>>().join(";");
@@ -107,11 +108,43 @@ pub fn summarize(pid: u32, duration_s: u64, maps: &Maps) -> Summary {
         top_blocking: blocking,
         top_waits,
         idle_us,
+        runq_total_us: maps.get("@runq").map(|m| m.values().sum()).unwrap_or(0),
         mmap_lock: lock,
         oncpu_samples,
+        stalled_thread: conclude::stalled_thread(stall),
+        verdict: conclude::verdict(stall),
         target_exited_after_s: None,
         stopped_by_signal: false,
     }
+}
+
+/// The headline waits (heaviest first, at most 10) and the idle time set apart: stacks idle
+/// by choice, futex waits of a thread that lasted ~the whole recording (a worker parked on
+/// its queue), and freezetrap's own threads (left out, not counted as idle).
+fn waits(off: Option<&BTreeMap<String, u64>>, recording_us: u64) -> (Vec<Blocking>, u64) {
+    let mut idle_us = 0;
+    let mut acc: BTreeMap<String, u64> = BTreeMap::new();
+    for (k, &v) in off.into_iter().flatten() {
+        let key = split_key(k);
+        if key.comm.starts_with("freezetrap-") {
+            continue;
+        }
+        let stack = fold(&key);
+        let parked =
+            v >= recording_us / 10 * 9 && key.kernel.iter().any(|f| f.starts_with("futex_"));
+        if is_idle(&stack) || parked {
+            idle_us += v;
+        } else {
+            *acc.entry(stack).or_insert(0) += v;
+        }
+    }
+    let mut top: Vec<Blocking> = acc
+        .into_iter()
+        .map(|(stack, us)| Blocking { stack, us })
+        .collect();
+    top.sort_by_key(|b| std::cmp::Reverse(b.us));
+    top.truncate(10);
+    (top, idle_us)
 }
 
 /// Kernel functions a thread sits in when it waits because it chose to (a sleep, an idle poll),
@@ -161,16 +194,21 @@ pub fn wait_site(folded_stack: &str) -> String {
 
 /// The one-paragraph human summary printed on stdout.
 pub fn human(s: &Summary) -> String {
-    let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
+    let ms = |us: u64| base::units::HumanNanos(us.saturating_mul(1000)).to_string();
     let mut out = format!(
-        "freezetrap-capture: pid {} for {} s: {} off CPU ({} of it idle)",
+        "freezetrap-capture: pid {} for {} s: {} ({}): {}; {} off CPU ({} of it idle)",
         s.pid,
         s.duration_s,
+        s.verdict.cause,
+        s.verdict.confidence,
+        s.verdict.text,
         ms(s.offcpu_total_us),
         ms(s.idle_us)
     );
-    if s.mmap_lock.max_write_hold_us > 0 {
-        let holder: Vec<&str> = s.mmap_lock.holder_stack.rsplit(';').take(3).collect();
+    let holder: Vec<&str> = s.mmap_lock.holder_stack.rsplit(';').take(3).collect();
+    if s.verdict.cause == base::verdict::Cause::MmapLock && s.mmap_lock.max_write_hold_us > 0 {
+        out.push_str(&format!("; the holder's stack: {}", holder.join(" <- ")));
+    } else if s.mmap_lock.max_write_hold_us >= 1000 {
         out.push_str(&format!(
             "; mmap_lock held for write {} by {}; {} thread(s) waited up to {}",
             ms(s.mmap_lock.max_write_hold_us),
@@ -185,7 +223,9 @@ pub fn human(s: &Summary) -> String {
             ms(b.us),
             wait_site(&b.stack)
         )),
-        None if s.idle_us > 0 => out.push_str("; every off-CPU stack was an idle sleep or poll"),
+        None if s.offcpu_total_us > 0 => out.push_str(
+            "; no wait besides idle sleeps, polls, parked threads and freezetrap's own",
+        ),
         None => {}
     }
     if let Some(t) = s.target_exited_after_s {
@@ -200,23 +240,43 @@ mod tests {
     use crate::maps::parse_maps;
 
     const SAMPLE: &str = r#"{"type": "attached_probes", "data": {"probes": 6}}
-{"type": "map", "data": {"@off": {"mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10, "sleeper,\n    __schedule+1\n    schedule+2\n    do_nanosleep+3\n    hrtimer_nanosleep+4\n,": 90000}}}
-{"type": "map", "data": {"@lock_wait_max_us": {"mmapper-0": 50400, "mmapper-1": 900}}}
-{"type": "map", "data": {"@write_hold_us": {"app,\n    mmap_write_unlock+10\n    dup_mmap+900\n    copy_process+2000\n    kernel_clone+100\n": 48800}}}
-{"type": "map", "data": {"@on": {"app,\n    x+1\n,\n": 7}}}
+{"type": "map", "data": {"@off": {"101,mmapper-0,\n    __schedule+1576\n    schedule+35\n    rwsem_down_write_slowpath+600\n    vm_mmap_pgoff+200\n,\n\t7f00 mmap64+20 (/usr/lib/libc.so.6)\n\t5600 my_app::worker::h0123456789abcdef+40 (/bin/app)\n": 48000, "100,main,\n    __schedule+1\n,\n\t7f01 [unknown] (/x)\n": 10, "102,sleeper,\n    __schedule+1\n    schedule+2\n    do_nanosleep+3\n    hrtimer_nanosleep+4\n,": 90000}}}
+{"type": "map", "data": {"@lock_wait_max_us": {"101,mmapper-0": 50400, "103,mmapper-1": 900}}}
+{"type": "map", "data": {"@write_hold_us": {"100,app,\n    mmap_write_unlock+10\n    dup_mmap+900\n    copy_process+2000\n    kernel_clone+100\n": 48800}}}
+{"type": "map", "data": {"@on": {"100,app,\n    x+1\n,\n": 7}}}
+{"type": "map", "data": {"@off": {"104,freezetrap-watc,\n    __schedule+1\n    futex_wait+2\n,": 70000, "105,worker,\n    __schedule+1\n    futex_wait+2\n,": 9500000}}}
+{"type": "map", "data": {"@runq": {"101,mmapper-0": 300}}}
 "#;
 
     #[test]
     fn summary_has_the_contract_fields_and_reads_like_a_sentence() {
-        let s = summarize(42, 10, &parse_maps(SAMPLE));
-        assert_eq!(s.offcpu_total_us, 138010);
+        let maps = parse_maps(SAMPLE);
+        let stall = StallWindow {
+            tid: None,
+            maps: &maps,
+            us: 10_000_000,
+        };
+        let s = summarize(42, 10_000_000, &maps, &stall);
+        assert_eq!(s.offcpu_total_us, 138010 + 70000 + 9_500_000);
         assert_eq!(
-            s.top_blocking[0].us, 90000,
-            "the sleeper is the heaviest stack"
+            s.top_blocking[0].us, 9_500_000,
+            "the parked worker is the heaviest stack"
         );
-        assert_eq!(s.idle_us, 90000);
+        assert_eq!(
+            s.idle_us,
+            90000 + 9_500_000,
+            "the sleeper and the worker parked all along are idle"
+        );
         assert_eq!(s.top_waits[0].us, 48000, "but not a wait");
-        assert_eq!(s.top_waits.len(), 2);
+        assert_eq!(
+            s.top_waits.len(),
+            2,
+            "freezetrap's own threads are left out: {:?}",
+            s.top_waits
+        );
+        assert_eq!(s.runq_total_us, 300);
+        assert_eq!(s.stalled_thread, None);
+        assert_eq!(s.verdict.cause, base::verdict::Cause::MmapLock);
         assert_eq!(s.mmap_lock.max_wait_us, 50400);
         assert_eq!(s.mmap_lock.max_write_hold_us, 48800);
         assert_eq!(s.mmap_lock.waiters, 1);
@@ -234,12 +294,13 @@ mod tests {
             "top_waits",
             "idle_us",
             "mmap_lock",
+            "verdict",
         ] {
             assert!(j.get(k).is_some(), "{k}");
         }
         assert_eq!(
             human(&s),
-            "freezetrap-capture: pid 42 for 10 s: 138.0 ms off CPU (90.0 ms of it idle); mmap_lock held for write 48.8 ms by mmap_write_unlock <- dup_mmap <- copy_process; 1 thread(s) waited up to 50.4 ms; top wait (48.0 ms): rwsem_down_write_slowpath <- vm_mmap_pgoff <- mmap64"
+            "freezetrap-capture: pid 42 for 10 s: mmap_lock (high): mmap_lock held for write 48.8 ms by thread 'app' in fork (dup_mmap); 1 thread(s) waited up to 50.4 ms; 9.71 s off CPU (9.59 s of it idle); the holder's stack: mmap_write_unlock <- dup_mmap <- copy_process; top wait (48.0 ms): rwsem_down_write_slowpath <- vm_mmap_pgoff <- mmap64"
         );
     }
 

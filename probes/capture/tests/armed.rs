@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::ebpf_or_skip;
-use std::io::{BufRead, BufReader, Write};
+use common::{ebpf_or_skip, lines_of, wait_for};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 const EXE: &str = env!("CARGO_BIN_EXE_freezetrap-capture");
@@ -34,42 +33,13 @@ fn child_armed_target() {
     println!("FORKED {fork_ns} {}", common::monotonic_ns());
     std::thread::sleep(Duration::from_millis(LEAD_MS));
     let probe_ns = common::monotonic_ns();
-    probes::stall_begin(1, 0, LEAD_MS * 1_000_000);
+    // The stall began when the fork did (a watchdog's last heartbeat before it).
+    probes::stall_begin(1, 0, probe_ns - fork_ns);
     println!("FIRED {probe_ns}");
     std::thread::sleep(Duration::from_millis(300));
     probes::stall_end(1, 300_000_000);
     std::thread::sleep(Duration::from_millis(3700));
     std::hint::black_box(&big);
-}
-
-/// Lines of `reader` on a channel, so the test can wait for one with a timeout.
-fn lines_of(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(reader).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_for(rx: &mpsc::Receiver<String>, what: &str, secs: u64, seen: &mut String) -> String {
-    let until = std::time::Instant::now() + Duration::from_secs(secs);
-    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) => {
-                seen.push_str(&l);
-                seen.push('\n');
-                if l.contains(what) {
-                    return l;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    panic!("no {what:?} within {secs} s; saw:\n{seen}");
 }
 
 #[test]
@@ -187,6 +157,14 @@ fn armed_mode_captures_the_seconds_before_stall_begin() {
         "off-CPU data from before the probe: {summary:#}"
     );
 
+    // The probe said the whole process (thread 0) stalled from 1.5 s before it: the verdict
+    // looks at that span and finds the fork.
+    assert_eq!(summary["verdict"]["cause"], "mmap_lock", "{summary:#}");
+    assert_eq!(
+        summary["verdict"]["culprit"]["what"], "fork (dup_mmap)",
+        "{summary:#}"
+    );
+
     let off = std::fs::read_to_string(dir.join("offcpu.folded")).unwrap();
     assert!(
         off.lines().any(|l| l.starts_with("mmapper-")),
@@ -197,6 +175,115 @@ fn armed_mode_captures_the_seconds_before_stall_begin() {
         "waiters in rwsem slow paths:\n{off}"
     );
     common::assert_svg(&dir.join("offcpu.svg"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// How long the armed spinner spins, and when into it the probe fires (a watchdog detects a
+/// stall some time after it began).
+const SPIN_MS: u64 = 1200;
+const DETECTED_AFTER_MS: u64 = 1000;
+
+/// The target: on "go", thread `spinner` spins SPIN_MS in one function; DETECTED_AFTER_MS in,
+/// `stall_begin` names it (as a watchdog would, some time after the stall began), and
+/// `stall_end` fires when it is done. Plus the headline decoys.
+#[test]
+fn child_armed_spinner() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").as_deref() != Ok("armed-spinner") {
+        return;
+    }
+    common::start_headline_decoys();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let spinner = std::thread::Builder::new()
+        .name("spinner".into())
+        .spawn(move || {
+            tid_tx.send(common::gettid()).unwrap();
+            go_rx.recv().unwrap();
+            common::spin_in_one_function(
+                std::time::Instant::now() + Duration::from_millis(SPIN_MS),
+            );
+        })
+        .unwrap();
+    let tid = tid_rx.recv().unwrap();
+    println!("SPINNER {tid}");
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
+    let began = std::time::Instant::now();
+    go_tx.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(DETECTED_AFTER_MS));
+    probes::stall_begin(1, tid, began.elapsed().as_nanos() as u64);
+    println!("FIRED");
+    spinner.join().unwrap();
+    probes::stall_end(1, began.elapsed().as_nanos() as u64);
+    std::thread::sleep(Duration::from_secs(3));
+}
+
+/// The complaint about the armed capture of a 1.2 s spin: it must say the stalled
+/// thread was on CPU in one function the whole time.
+#[test]
+fn an_armed_capture_concludes_on_the_stalled_thread() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !ebpf_or_skip("an_armed_capture_concludes_on_the_stalled_thread")
+    {
+        return;
+    }
+    let mut target = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_armed_spinner", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env("FREEZETRAP_TEST_ROLE", "armed-spinner")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = target.id();
+    let target_out = lines_of(target.stdout.take().unwrap());
+    let mut seen = String::new();
+    let tid: u64 = wait_for(&target_out, "SPINNER", 60, &mut seen)
+        .rsplit("SPINNER ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let out_dir: PathBuf = std::env::temp_dir().join(format!("freezetrap-armed-spin-{pid}"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let mut rec = Command::new(EXE)
+        .args(["arm", "--pid", &pid.to_string(), "--out"])
+        .arg(&out_dir)
+        .args([
+            "--window",
+            "3",
+            "--after",
+            "1",
+            "--cooldown",
+            "0",
+            "--for",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rec_err = lines_of(rec.stderr.take().unwrap());
+    let rec_out = lines_of(rec.stdout.take().unwrap());
+    let mut rec_seen = String::new();
+    wait_for(&rec_err, "armed on pid", 30, &mut rec_seen);
+    std::thread::sleep(Duration::from_millis(600));
+    target.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    wait_for(&target_out, "FIRED", 30, &mut seen);
+    let line = wait_for(&rec_out, "(stall 1,", 30, &mut rec_seen);
+    eprintln!("{line}");
+    let _ = target.wait();
+    let status = rec.wait().unwrap();
+    assert!(status.success(), "recorder failed: {status}\n{rec_seen}");
+    let dir = out_dir.join(format!("armed-{pid}-stall-1"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    common::assert_concluded_on_cpu_in_the_spin(&summary, tid);
+    assert!(
+        line.contains(": on_cpu ("),
+        "the line leads with the verdict: {line}"
+    );
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

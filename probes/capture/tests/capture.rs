@@ -86,6 +86,17 @@ fn a_fork_freeze_is_captured_with_its_holder_and_waiters() {
         stdout.contains("mmap_lock held for write") && stdout.contains("dup_mmap"),
         "{stdout}"
     );
+    // The whole process stalled (--tid 0): the verdict names the fork as the holder.
+    let v = &summary["verdict"];
+    assert_eq!(v["cause"], "mmap_lock", "{summary:#}");
+    assert_eq!(v["culprit"]["what"], "fork (dup_mmap)", "{summary:#}");
+    assert!(
+        stdout.starts_with(&format!(
+            "freezetrap-capture: pid {} for 3 s: mmap_lock (",
+            target.id()
+        )),
+        "the line leads with the verdict: {stdout}"
+    );
 
     let off = std::fs::read_to_string(out_dir.join("offcpu.folded")).unwrap();
     assert!(
@@ -103,6 +114,88 @@ fn a_fork_freeze_is_captured_with_its_holder_and_waiters() {
     assert!(std::fs::metadata(out_dir.join("oncpu.folded")).is_ok());
 
     common::assert_svg(&out_dir.join("offcpu.svg"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// The target: a thread `spinner` on CPU in one function all along, plus the headline decoys.
+#[test]
+fn child_spinner() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").as_deref() != Ok("spinner") {
+        return;
+    }
+    common::start_headline_decoys();
+    std::thread::Builder::new()
+        .name("spinner".into())
+        .spawn(|| {
+            println!("SPINNER {}", common::gettid());
+            common::spin_in_one_function(std::time::Instant::now() + Duration::from_secs(3600));
+        })
+        .unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The complaint: a thread spinning through the whole capture must be the verdict
+/// (`on_cpu`, in that function), not an idle wait or freezetrap's own thread.
+#[test]
+fn a_spinning_thread_is_concluded_on_cpu_in_its_function() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !ebpf_or_skip("a_spinning_thread_is_concluded_on_cpu_in_its_function")
+    {
+        return;
+    }
+    let mut target = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_spinner",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FREEZETRAP_TEST_ROLE", "spinner")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::lines_of(target.stdout.take().unwrap());
+    let mut seen = String::new();
+    let tid: u64 = common::wait_for(&lines, "SPINNER", 60, &mut seen)
+        .rsplit("SPINNER ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let out_dir =
+        std::env::temp_dir().join(format!("freezetrap-capture-spin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(EXE)
+        .args([
+            "--pid",
+            &target.id().to_string(),
+            "--tid",
+            &tid.to_string(),
+            "--out",
+        ])
+        .arg(&out_dir)
+        .args(["--duration", "2s"])
+        .output()
+        .unwrap();
+    let _ = target.kill();
+    let _ = target.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("summary.json")).unwrap()).unwrap();
+    common::assert_concluded_on_cpu_in_the_spin(&summary, tid);
+    assert!(
+        stdout.contains(": on_cpu (high): thread 'spinner' ran"),
+        "the line leads with the verdict: {stdout}"
+    );
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

@@ -3,7 +3,7 @@
 
 use super::{Ready, StallSeen, TimelineRow, BUCKET_MS};
 use crate::output::write_capture;
-use crate::{human, summarize, Summary};
+use crate::{human, summarize, StallWindow, Summary};
 use base::dirs::Dir;
 use serde::Serialize;
 use std::ffi::{OsStr, OsString};
@@ -32,8 +32,16 @@ pub(super) fn write(
                 out.path().display()
             )
         })?;
-    let span_ms = (ready.to_ms - ready.from_ms) as u64;
-    let capture = summarize(pid, span_ms.div_ceil(1000), &ready.maps);
+    let stall = StallWindow {
+        tid: Some(first.thread_id),
+        maps: &ready.stall_maps,
+        us: ready.stall_us,
+    };
+    // What was recorded: from the first bucket with data (the recorder may have been armed
+    // less than a window before the stall) to the window's end.
+    let data_from_ms = ready.timeline.first().map_or(ready.from_ms, |r| r.t_ms);
+    let recorded_us = (ready.to_ms - data_from_ms).max(0) as u64 * 1000;
+    let capture = summarize(pid, recorded_us, &ready.maps, &stall);
     let summary = ArmedSummary {
         line: human(&capture),
         capture,

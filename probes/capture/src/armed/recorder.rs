@@ -352,6 +352,7 @@ impl Recorder<'_> {
         }
         if let Some(syms) = state.symbols() {
             crate::resymbolize(&mut ready.maps, syms);
+            crate::resymbolize(&mut ready.stall_maps, syms);
         }
         let written = disk::write(&self.args.out, state.pid, &ready, counts);
         match written {

@@ -21,6 +21,7 @@ fn capture_name(armed: &str) -> Option<&'static str> {
     match armed {
         "@off" => Some("@off"),
         "@on" => Some("@on"),
+        "@runq" => Some("@runq"),
         "@wait" => Some("@lock_wait_max_us"),
         "@hold" => Some("@write_hold_us"),
         _ => None,
@@ -41,6 +42,8 @@ pub struct TimelineRow {
     pub offcpu_us: u64,
     /// On-CPU samples (99 Hz).
     pub oncpu_samples: u64,
+    /// Time threads waited runnable for a CPU, µs.
+    pub runq_us: u64,
     /// Longest mmap_lock wait that ended in this bucket, µs.
     pub max_lock_wait_us: u64,
     /// Longest mmap_lock write hold that ended in this bucket, µs.
@@ -58,6 +61,11 @@ pub struct Ready {
     pub to_ms: i64,
     /// Every bucket's data merged, under the triggered capture's map names.
     pub maps: Maps,
+    /// The same for the buckets the first stall spans (from `probe - elapsed` to its end, or
+    /// to the window's end when `stall_end` has not fired): what its verdict rests on.
+    pub stall_maps: Maps,
+    /// How long that span is, µs.
+    pub stall_us: u64,
     /// Per-bucket totals.
     pub timeline: Vec<TimelineRow>,
 }
@@ -220,8 +228,17 @@ impl Window {
     }
 
     fn assemble(&self, p: Pending) -> Ready {
-        let probe_ns = p.stalls[0].probe_ns;
+        let first = &p.stalls[0];
+        let probe_ns = first.probe_ns;
+        let stall_from = probe_ns.saturating_sub(first.elapsed_ns) / self.bucket_ns;
+        let stall_to = match first.duration_ns {
+            Some(d) => (probe_ns + d.saturating_sub(first.elapsed_ns)) / self.bucket_ns,
+            None => p.to,
+        }
+        .clamp(stall_from, p.to);
+        let stall_from = stall_from.max(p.from);
         let mut maps = Maps::new();
+        let mut stall_maps = Maps::new();
         let mut timeline = Vec::new();
         for (&b, bucket) in self.buckets.range(p.from..=p.to) {
             let mut row = TimelineRow {
@@ -229,17 +246,16 @@ impl Window {
                 ..Default::default()
             };
             for (name, entries) in bucket {
-                let is_max = merges_by_max(name);
-                let merged = maps.entry(name.clone()).or_default();
-                for (k, &v) in entries {
-                    let slot = merged.entry(k.clone()).or_insert(0);
-                    *slot = if is_max { (*slot).max(v) } else { *slot + v };
+                merge(&mut maps, name, entries);
+                if (stall_from..=stall_to).contains(&b) {
+                    merge(&mut stall_maps, name, entries);
                 }
                 let sum: u64 = entries.values().sum();
                 let max = entries.values().copied().max().unwrap_or(0);
                 match name.as_str() {
                     "@off" => row.offcpu_us = sum,
                     "@on" => row.oncpu_samples = sum,
+                    "@runq" => row.runq_us = sum,
                     "@lock_wait_max_us" => row.max_lock_wait_us = max,
                     "@write_hold_us" => row.max_write_hold_us = max,
                     _ => {}
@@ -253,8 +269,20 @@ impl Window {
             from_ms: rel_ms(p.from),
             to_ms: rel_ms(p.to + 1),
             maps,
+            stall_maps,
+            stall_us: (stall_to + 1 - stall_from) * self.bucket_ns / 1000,
             timeline,
         }
+    }
+}
+
+/// Adds one bucket's entries of map `name` into `into` (sums, or maxima for the maxima maps).
+fn merge(into: &mut Maps, name: &str, entries: &BTreeMap<String, u64>) {
+    let is_max = merges_by_max(name);
+    let merged = into.entry(name.to_string()).or_default();
+    for (k, &v) in entries {
+        let slot = merged.entry(k.clone()).or_insert(0);
+        *slot = if is_max { (*slot).max(v) } else { *slot + v };
     }
 }
 
@@ -307,6 +335,11 @@ mod tests {
         assert_eq!(r.stalls[0].duration_ns, Some(45 * MS));
         assert_eq!(r.maps["@off"]["t,\n    k\n,"], 700);
         assert_eq!(r.maps["@write_hold_us"]["t,\n    dup_mmap\n"], 40_000);
+        // The stall itself: it began 30 ms before the probe (bucket 11) and lasted 45 ms
+        // (to bucket 12).
+        assert_eq!(r.stall_maps["@off"]["t,\n    k\n,"], 200);
+        assert_eq!(r.stall_maps["@write_hold_us"]["t,\n    dup_mmap\n"], 40_000);
+        assert_eq!(r.stall_us, 500_000);
         assert_eq!(r.timeline.len(), 7);
         assert_eq!(r.timeline[0].t_ms, -1010);
         let hold = r.timeline.iter().find(|t| t.max_write_hold_us > 0).unwrap();

@@ -103,3 +103,127 @@ pub fn assert_svg(path: &std::path::Path) {
     }
     assert!(elements > 10);
 }
+
+/// Spins on CPU in this one function until `until`: a stall that is the thread's own work.
+#[inline(never)]
+pub fn spin_in_one_function(until: std::time::Instant) -> u64 {
+    let mut x = 0u64;
+    while std::time::Instant::now() < until {
+        for _ in 0..1000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
+    x
+}
+
+/// The calling thread's kernel id.
+pub fn gettid() -> u64 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u64 }
+}
+
+/// Threads a capture must not put in its headline: `parked`, waiting on a condvar with a
+/// 50 ms timeout all along (a worker idle on its queue), and `freezetrap-watchdog`, half
+/// waiting and half working (freezetrap's own; a real service has one of that name).
+pub fn start_headline_decoys() {
+    let spawn = |name: &str, wait_ms: u64, work_ms: u64| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let m = std::sync::Mutex::new(());
+                let cv = std::sync::Condvar::new();
+                loop {
+                    let g = m.lock().unwrap();
+                    drop(cv.wait_timeout(g, Duration::from_millis(wait_ms)).unwrap());
+                    if work_ms > 0 {
+                        spin_in_one_function(
+                            std::time::Instant::now() + Duration::from_millis(work_ms),
+                        );
+                    }
+                }
+            })
+            .unwrap();
+    };
+    spawn("parked", 50, 0);
+    spawn("freezetrap-watchdog", 20, 20);
+}
+
+/// Lines of `reader` on a channel, so a test can wait for one with a timeout.
+pub fn lines_of(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(reader)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to `secs` for a line containing `what`; every line seen is kept in `seen`.
+pub fn wait_for(
+    rx: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    secs: u64,
+    seen: &mut String,
+) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                seen.push_str(&l);
+                seen.push('\n');
+                if l.contains(what) {
+                    return l;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("no {what:?} within {secs} s; saw:\n{seen}");
+}
+
+/// Panics unless `summary.json`'s stalled thread is `tid`, on CPU in [`spin_in_one_function`]
+/// with a verdict saying so, its frames named and demangled, and the headline free of the
+/// [`start_headline_decoys`].
+pub fn assert_concluded_on_cpu_in_the_spin(summary: &serde_json::Value, tid: u64) {
+    let v = &summary["verdict"];
+    assert_eq!(v["cause"], "on_cpu", "{summary:#}");
+    assert_eq!(v["culprit"]["thread_id"], tid, "{summary:#}");
+    assert!(
+        v["culprit"]["what"]
+            .as_str()
+            .unwrap()
+            .contains("spin_in_one_function"),
+        "the function it spun in: {summary:#}"
+    );
+    let st = &summary["stalled_thread"];
+    assert_eq!(st["tid"], tid, "{summary:#}");
+    assert_eq!(st["name"], "spinner", "{summary:#}");
+    let on = st["oncpu_us"].as_u64().unwrap();
+    let off = st["offcpu_us"].as_u64().unwrap();
+    assert!(
+        on > 500_000 && on > 4 * off,
+        "on CPU most of the stall: {st:#}"
+    );
+    let top = st["top_oncpu"][0]["stack"].as_str().unwrap();
+    assert!(top.contains("spin_in_one_function"), "{st:#}");
+    for frame in top.split(';') {
+        assert!(
+            !frame.starts_with("0x") && !frame.starts_with("_ZN") && !frame.starts_with("_RN"),
+            "every user frame named and demangled: {frame} in {top}"
+        );
+    }
+    for w in summary["top_waits"].as_array().unwrap() {
+        let s = w["stack"].as_str().unwrap();
+        assert!(
+            !s.starts_with("freezetrap-") && !s.starts_with("parked;"),
+            "freezetrap's own threads and parked waits stay out of the headline: {s}"
+        );
+    }
+}
