@@ -12,6 +12,10 @@
 //! reports the resize's stall while it happens and names the large allocation behind it. Then the
 //! service "snapshots" its index the way Redis' BGSAVE does — `fork()` while holding ~1 GiB —
 //! which holds the mmap_lock for write while the workers' mmaps wait: a process-wide freeze.
+//! A fork's cost differs several-fold between machines, so the demo first measures one and
+//! sizes the memory the service holds (a "cache") so that the fork's freeze exceeds the stall
+//! threshold wherever it runs; only when that memory is not available does it lower the
+//! threshold (never below 10 ms, and never one you set).
 //!
 //! As root with bpftrace installed, this binary is also its own capture helper
 //! (`FREEZETRAP_CAPTURE` points at itself; run with `--pid ...` it is `freezetrap-capture`), so
@@ -118,8 +122,110 @@ fn wait_for_captures(out: &std::path::Path, limit: std::time::Duration) {
     }
 }
 
+/// Anonymous memory with every page touched, mapped directly (not through the allocator: it
+/// stands for memory the service holds, not an allocation to report).
+struct Resident(*mut libc::c_void, usize);
+
+impl Resident {
+    fn new(bytes: usize) -> Option<Resident> {
+        if bytes == 0 {
+            return None;
+        }
+        // SAFETY: a fresh private anonymous mapping; MAP_POPULATE touches every page.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(Resident(p, bytes))
+    }
+}
+
+impl Drop for Resident {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping, once.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// What a fork costs here per GiB resident: the fastest of three forks with a touched 256 MiB
+/// mapping, less the fastest of three without. A fork's freeze is mostly copying page tables,
+/// so it grows with resident memory — and machines differ several-fold (a fork with 1.5 GiB
+/// resident takes ~13 ms on one VM and ~40 ms on another).
+fn fork_ms_per_gib() -> f64 {
+    let fastest = || (0..3).map(|_| snapshot()).fold(f64::MAX, f64::min);
+    let bare = fastest();
+    let probe = Resident::new(256 << 20);
+    let with = fastest();
+    drop(probe);
+    ((with - bare) * 4.0).max(0.5)
+}
+
+/// Bytes of the table a `HashMap<u64, u64>` of `keys` entries ends in: a power of two of
+/// buckets at most 7/8 full, 16 bytes each plus one control byte.
+fn table_bytes(keys: u64) -> u64 {
+    let buckets = (keys * 8 / 7 + 1).next_power_of_two();
+    buckets * 17
+}
+
+/// Memory the kernel says is available, bytes (0 when unreadable).
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The snapshot phase, sized for this machine: how much extra memory the service holds so
+/// that a fork's freeze is ~2.5x the stall threshold, and the threshold (lowered, never below
+/// 10 ms, only when the memory that would take is not there and the user did not set one).
+struct ForkPlan {
+    per_gib_ms: f64,
+    cache: Option<Resident>,
+    cache_gib: f64,
+    expected_ms: f64,
+    stall_ms: f64,
+}
+
+fn plan_fork_phase(keys: u64) -> ForkPlan {
+    let user_stall = std::env::var("FREEZETRAP_STALL").ok().and_then(|v| {
+        base::parse::parse_duration_ns(v.as_bytes())
+            .ok()
+            .map(|ns| ns as f64 / 1e6)
+    });
+    let per_gib_ms = fork_ms_per_gib();
+    let index_gib = table_bytes(keys) as f64 / GIB;
+    let stall = user_stall.unwrap_or(25.0);
+    let cap_gib = (mem_available() as f64 / GIB / 4.0).min(8.0);
+    let cache_gib = (2.5 * stall / per_gib_ms - index_gib).clamp(0.0, cap_gib);
+    let expected_ms = per_gib_ms * (index_gib + cache_gib);
+    let stall_ms = match user_stall {
+        Some(s) => s,
+        None if expected_ms < 1.5 * stall => (expected_ms / 2.5).max(10.0),
+        None => stall,
+    };
+    ForkPlan {
+        per_gib_ms,
+        cache: Resident::new((cache_gib * GIB) as usize & !4095),
+        cache_gib,
+        expected_ms,
+        stall_ms,
+    }
+}
+
 /// Snapshotting the index like BGSAVE: fork, let the child "write" it, wait.
-fn snapshot(index_len: usize) -> f64 {
+fn snapshot() -> f64 {
     let t = Instant::now();
     // SAFETY: the child only calls _exit (async-signal-safe).
     let pid = unsafe { libc::fork() };
@@ -129,7 +235,6 @@ fn snapshot(index_len: usize) -> f64 {
     let forked = t.elapsed().as_secs_f64() * 1e3;
     // SAFETY: reaping our own child.
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-    let _ = index_len;
     forked
 }
 
@@ -158,10 +263,12 @@ pub fn run(fixed: bool) -> std::process::ExitCode {
             d
         }
     };
+    // Before the watchdog starts: size the snapshot phase for this machine.
+    let plan = plan_fork_phase(keys);
     set_default("FREEZETRAP_ALLOC_THRESHOLD", "64MiB");
     set_default("FREEZETRAP_OUT", out.to_str().unwrap());
     set_default("FREEZETRAP_REPORT", "report.jsonl");
-    set_default("FREEZETRAP_STALL", "25ms");
+    set_default("FREEZETRAP_STALL", &format!("{:.0}ms", plan.stall_ms));
     let ebpf = have_ebpf();
     if ebpf {
         let me = std::env::current_exe().unwrap();
@@ -179,6 +286,17 @@ pub fn run(fixed: bool) -> std::process::ExitCode {
             ""
         },
         freezetrap::alloc_guard::threshold()
+    );
+    eprintln!(
+        "demo: a fork costs {:.1} ms per GiB resident here: {}the snapshot's fork (~{:.0} ms) exceeds the {:.0} ms stall threshold",
+        plan.per_gib_ms,
+        if plan.cache.is_some() {
+            format!("the service also holds a {:.2} GiB cache so ", plan.cache_gib)
+        } else {
+            String::new()
+        },
+        plan.expected_ms,
+        plan.stall_ms
     );
     if !ebpf {
         eprintln!("demo: no eBPF capture: run as root with bpftrace installed (apt-get install bpftrace) for flame graphs and the mmap_lock summary");
@@ -217,15 +335,19 @@ pub fn run(fixed: bool) -> std::process::ExitCode {
     std::thread::sleep(std::time::Duration::from_millis(400));
     eprintln!("demo: indexed {n} documents in {:.1} s; now snapshotting the index (fork with ~1 GiB resident)", started.elapsed().as_secs_f64());
     for round in 0..3 {
-        let ms = snapshot(n);
+        let ms = snapshot();
         eprintln!("demo: snapshot {round}: fork took {ms:.1} ms");
         std::thread::sleep(std::time::Duration::from_millis(1500));
     }
-    drop(index);
+    // Stop the workers before freeing the index and the cache: unmapping GiBs holds mmap_lock
+    // for write too, and the workers' mmaps would stall on it — a real freeze, but not this
+    // demo's story.
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
     }
+    drop(index);
+    drop(plan.cache);
     if let Some(r) = ft.reporter() {
         r.flush(std::time::Duration::from_secs(10));
     }

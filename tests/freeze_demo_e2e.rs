@@ -61,6 +61,42 @@ fn the_demo_names_the_resize_and_captures_the_snapshot_freeze() {
         stderr.contains("suspect: 136.00 MiB alloc on the same thread"),
         "{stderr}"
     );
+    // The verdicts: the resize is first_touch on the indexer; the demo sized its snapshot so
+    // the fork's freeze exceeds the stall threshold here, and the workers' stalls say
+    // mmap_lock held by a fork (`fork (dup_mmap)` from the holder's kernel stack, or
+    // `fork (dup_mmap), likely` when the holder was caught running, with no stack to read).
+    let verdict_of = |l: &serde_json::Value| {
+        (
+            l["verdict"]["cause"].as_str().unwrap_or("").to_string(),
+            l["verdict"]["culprit"]["what"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["event"] == "stall" && l["thread_name"] == "indexer")
+            .any(|l| verdict_of(l).0 == "first_touch"),
+        "the resize's stall is first_touch:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("demo: a fork costs"),
+        "the demo says how it sized the snapshot:\n{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["event"] == "stall"
+                && l["thread_name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("worker-"))
+            .map(verdict_of)
+            .any(|(cause, what)| cause == "mmap_lock" && what.starts_with("fork (dup_mmap)")),
+        "a snapshot's stall is mmap_lock held by fork:\n{stderr}"
+    );
 
     if !ebpf {
         assert!(

@@ -334,6 +334,10 @@ impl Tick<'_> {
         };
         let progressed = last > start;
         if !progressed && state == ACTIVE {
+            if let Some(rec) = self.st.open[i].as_mut() {
+                let tid = rec.thread_id;
+                rec.procs.refresh_end_of(tid);
+            }
             return;
         }
         // A beat that read the clock before the stall but stored after it (the thread froze

@@ -187,13 +187,31 @@ impl ProcSnapshot {
         })
     }
 
-    /// Reads every recorded thread's counters again, at the end of the stall. Never allocates.
+    /// Reads every recorded thread's counters again, at the end of the stall. A thread that
+    /// cannot be read any more (it exited) keeps its latest reading from
+    /// [`ProcSnapshot::refresh_end_of`]. Never allocates.
     pub fn take_end(&mut self) {
         self.end_ns = base::clock::monotonic_ns();
         for i in 0..self.len {
             let mut c = RawCounters::default();
             let _ = read_counters(self.threads[i].tid, &mut c);
-            self.end[i] = c;
+            if c.valid {
+                self.end[i] = c;
+            }
+        }
+    }
+
+    /// Reads thread `tid`'s counters into its end reading now (each tick while its stall is
+    /// open): a thread that exits as soon as its stall ends — a job finishing its last, slow
+    /// step — can no longer be read when the watchdog sees the end, and this reading, at most a
+    /// tick old, stands in. Two small reads; never allocates.
+    pub fn refresh_end_of(&mut self, tid: u64) {
+        if let Some(i) = self.threads().iter().position(|t| t.tid == tid) {
+            let mut c = RawCounters::default();
+            let _ = read_counters(tid, &mut c);
+            if c.valid {
+                self.end[i] = c;
+            }
         }
     }
 
@@ -258,6 +276,8 @@ impl ProcSnapshot {
             self.omitted += 1;
             return;
         }
+        // No end reading yet (the slot may hold one from an earlier stall).
+        self.end[self.len] = RawCounters::default();
         let t = &mut self.threads[self.len];
         *t = ThreadView {
             tid,
@@ -459,6 +479,42 @@ mod tests {
         done.store(true, Ordering::Relaxed);
         spin.join().unwrap();
         fault.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_exits_when_its_stall_ends_keeps_its_latest_reading() {
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (faulted_tx, faulted_rx) = std::sync::mpsc::channel::<u64>();
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel::<()>();
+        let leaver = std::thread::Builder::new()
+            .name("leaver".into())
+            .spawn(move || {
+                go_rx.recv().unwrap();
+                let mut v = vec![0u8; 32 << 20];
+                for i in (0..v.len()).step_by(4096) {
+                    v[i] = 1;
+                }
+                std::hint::black_box(&v);
+                faulted_tx.send(base::thread::current_tid()).unwrap();
+                exit_rx.recv().unwrap();
+            })
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut snap = ProcSnapshot::new_boxed();
+        snap.take();
+        go_tx.send(()).unwrap();
+        let tid = faulted_rx.recv().unwrap();
+        snap.refresh_end_of(tid); // a tick while the stall is open
+        exit_tx.send(()).unwrap();
+        leaver.join().unwrap(); // gone before the end is read
+        snap.take_end();
+        let i = snap.threads().iter().position(|t| t.tid == tid).unwrap();
+        let d = snap.delta(i).expect("the latest reading stands in");
+        assert!(d.minflt >= 8000, "32 MiB of fresh pages: {d:?}");
+        // A fresh snapshot forgets the end readings of the one before.
+        snap.take();
+        let i = snap.threads().iter().position(|t| t.tid != tid).unwrap();
+        assert!(snap.delta(i).is_none(), "no end reading yet");
     }
 
     #[test]

@@ -223,9 +223,8 @@ pub fn human(s: &Summary) -> String {
             ms(b.us),
             wait_site(&b.stack)
         )),
-        None if s.offcpu_total_us > 0 => out.push_str(
-            "; no wait besides idle sleeps, polls, parked threads and freezetrap's own",
-        ),
+        None if s.offcpu_total_us > 0 => out
+            .push_str("; no wait besides idle sleeps, polls, parked threads and freezetrap's own"),
         None => {}
     }
     if let Some(t) = s.target_exited_after_s {
