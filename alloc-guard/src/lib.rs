@@ -76,7 +76,7 @@ use std::sync::Arc;
 pub use config::EnvSettings;
 pub use event::AllocKind;
 pub use record::{stats, RecorderStats};
-pub use report::{LargeAlloc, Reporter, ReporterConfig, ReporterStats};
+pub use report::{LargeAlloc, Reporter, ReporterConfig, ReporterStats, IDLE_POLL_MAX};
 pub use scope::assert_no_large_allocs;
 pub use writer::{ReportSink, ReportWriter};
 

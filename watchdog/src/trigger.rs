@@ -284,6 +284,11 @@ impl Trigger {
         self.launcher.as_ref().map(Launcher::pid)
     }
 
+    /// Whether a capture was started and has not finished.
+    pub fn capturing(&self) -> bool {
+        self.running.is_some()
+    }
+
     /// Whether a launcher process is there to start helpers.
     pub fn has_launcher(&self) -> bool {
         self.launcher.is_some()
