@@ -284,7 +284,9 @@ pub fn verdict(window: &StallWindow) -> Verdict {
         return v;
     };
     let who = format!("thread '{}'", s.name);
-    let on_us = s.on_samples * US_PER_SAMPLE;
+    // Samples are counted from bpftrace's start, a little before the window: never more on-CPU
+    // time than the window holds.
+    let on_us = (s.on_samples * US_PER_SAMPLE).min(window.us.max(US_PER_SAMPLE));
     let total = on_us + s.off_us + s.idle_us + s.runq_us;
     let mut evidence = vec![format!(
         "{who}: {} on CPU, {} blocked, {} idle, {} runnable",
