@@ -1,0 +1,252 @@
+//! The rules on recorded evidence.
+
+use super::*;
+
+const MS: u64 = 1_000_000;
+
+fn thread(tid: u64, name: &str, state: char, wchan: &str, stack: &[&str]) -> ThreadEvidence {
+    ThreadEvidence {
+        tid,
+        name: name.into(),
+        state,
+        wchan: wchan.into(),
+        kernel_stack: stack.iter().map(|s| s.to_string()).collect(),
+        delta: Some(Counters::default()),
+    }
+}
+
+fn stall(st: ThreadEvidence, others: Vec<ThreadEvidence>) -> Evidence {
+    Evidence {
+        duration_ns: 500 * MS,
+        window_ns: 300 * MS,
+        stalled: Some(st),
+        others,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_fork_holding_mmap_lock_is_named_with_its_operation() {
+    // As this kernel (6.18) shows it: the rwsem slow path is not in the waiter's stack.
+    let faulting = thread(
+        3,
+        "mapper-1",
+        'D',
+        "lock_mm_and_find_vma",
+        &[
+            "lock_mm_and_find_vma",
+            "exc_page_fault",
+            "asm_exc_page_fault",
+        ],
+    );
+    let forker = thread(
+        1,
+        "snapshot",
+        'R',
+        "",
+        &[
+            "copy_page_range",
+            "dup_mmap",
+            "copy_process",
+            "kernel_clone",
+        ],
+    );
+    let v = decide(&stall(faulting, vec![forker]));
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::MmapLock, Confidence::High),
+        "{}",
+        v.text
+    );
+    let waiter = thread(
+        2,
+        "mapper",
+        'D',
+        "rwsem_down_write_slowpath",
+        &["rwsem_down_write_slowpath", "vm_mmap_pgoff"],
+    );
+    let forker = thread(
+        1,
+        "snapshot",
+        'R',
+        "",
+        &[
+            "copy_pte_range",
+            "copy_page_range",
+            "dup_mmap",
+            "copy_process",
+        ],
+    );
+    let v = decide(&stall(waiter.clone(), vec![forker, waiter]));
+    assert_eq!((v.cause, v.confidence), (Cause::MmapLock, Confidence::High));
+    assert_eq!(
+        v.text,
+        "blocked on mmap_lock for 500.0 ms: thread 'snapshot' held it for write in fork (dup_mmap)"
+    );
+    assert_eq!(v.culprit.unwrap().what, "fork (dup_mmap)");
+    // Without root: the wait is seen in wchan, the holder is not.
+    let mut blind = thread(2, "mapper", 'D', "rwsem_down_write_slowpath", &[]);
+    blind.kernel_stack.clear();
+    let v = decide(&stall(blind, vec![thread(1, "snapshot", 'R', "", &[])]));
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::MmapLock, Confidence::Medium)
+    );
+}
+
+#[test]
+fn counters_tell_first_touch_on_cpu_starvation_and_io_apart() {
+    let mut t = thread(5, "indexer", 'R', "", &[]);
+    t.delta = Some(Counters {
+        cpu_ns: 290 * MS,
+        stime_ns: 250 * MS,
+        utime_ns: 40 * MS,
+        minflt: 70_000,
+        ..Default::default()
+    });
+    let mut e = stall(t.clone(), vec![]);
+    e.allocations.push(AllocEvidence {
+        size: 1 << 30,
+        thread_id: 5,
+        thread_name: "indexer".into(),
+        site: "svc::index (src/index.rs:9)".into(),
+        growth: Some("the 5th doubling at this call site".into()),
+        ..Default::default()
+    });
+    let v = decide(&e);
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::FirstTouch, Confidence::High),
+        "{}",
+        v.text
+    );
+    assert!(
+        v.text
+            .contains("after its 1.00 GiB allocation at svc::index")
+            && v.text.ends_with("the 5th doubling at this call site"),
+        "{}",
+        v.text
+    );
+
+    t.delta = Some(Counters {
+        cpu_ns: 299 * MS,
+        utime_ns: 290 * MS,
+        minflt: 3,
+        ..Default::default()
+    });
+    assert_eq!(decide(&stall(t.clone(), vec![])).cause, Cause::OnCpu);
+
+    t.delta = Some(Counters {
+        cpu_ns: 10 * MS,
+        run_delay_ns: 280 * MS,
+        ..Default::default()
+    });
+    let v = decide(&stall(t.clone(), vec![]));
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::CpuStarvation, Confidence::High)
+    );
+
+    let mut io = thread(
+        5,
+        "reader",
+        'D',
+        "folio_wait_bit_common",
+        &["folio_wait_bit_common", "filemap_fault"],
+    );
+    io.delta = Some(Counters {
+        majflt: 3000,
+        cpu_ns: 20 * MS,
+        ..Default::default()
+    });
+    let v = decide(&stall(io, vec![]));
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::BlockedIo, Confidence::High)
+    );
+}
+
+#[test]
+fn a_futex_wait_names_the_thread_inside_a_large_allocation() {
+    let waiter = thread(
+        3,
+        "api",
+        'S',
+        "futex_wait_queue",
+        &["futex_wait_queue", "futex_wait"],
+    );
+    let mut holder = thread(4, "loader", 'R', "", &[]);
+    holder.delta = Some(Counters {
+        cpu_ns: 290 * MS,
+        ..Default::default()
+    });
+    let mut e = stall(waiter.clone(), vec![holder.clone()]);
+    e.allocations.push(AllocEvidence {
+        size: 1 << 30,
+        thread_id: 4,
+        thread_name: "loader".into(),
+        in_flight: true,
+        site: "svc::load".into(),
+        ..Default::default()
+    });
+    let v = decide(&e);
+    assert_eq!((v.cause, v.confidence), (Cause::LockWait, Confidence::High));
+    assert_eq!(v.culprit.unwrap().thread_name, "loader");
+    let v = decide(&stall(waiter, vec![holder]));
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::LockWait, Confidence::Medium)
+    );
+}
+
+#[test]
+fn process_stalls_are_throttling_starvation_or_a_stop() {
+    let mut e = Evidence {
+        process_scope: true,
+        duration_ns: 900 * MS,
+        window_ns: 1000 * MS,
+        ..Default::default()
+    };
+    e.process = ProcessEvidence {
+        cpu_ns: Some(0),
+        watchdog_run_delay_ns: Some(0),
+        throttled_ns: Some(880 * MS),
+        cgroup: Some("/ft".into()),
+        ..Default::default()
+    };
+    assert_eq!(decide(&e).cause, Cause::CgroupThrottling);
+    e.process.throttled_ns = Some(0);
+    e.process.watchdog_run_delay_ns = Some(850 * MS);
+    assert_eq!(decide(&e).cause, Cause::CpuStarvation);
+    e.process.watchdog_run_delay_ns = Some(MS);
+    let v = decide(&e);
+    assert_eq!((v.cause, v.confidence), (Cause::Stopped, Confidence::High));
+    e.process.cpu_ns = Some(700 * MS);
+    assert_eq!(decide(&e).cause, Cause::Unknown);
+    e.process.cpu_ns = None;
+    e.unreadable.push("cpu.stat".into());
+    let v = decide(&e);
+    assert_eq!(v.cause, Cause::Unknown);
+    assert!(v.evidence.contains(&"unreadable: cpu.stat".to_string()));
+}
+
+#[test]
+fn a_plain_sleep_is_unknown_and_says_so() {
+    let v = decide(&stall(
+        thread(
+            6,
+            "shard-3",
+            'S',
+            "hrtimer_nanosleep",
+            &["hrtimer_nanosleep", "do_nanosleep"],
+        ),
+        vec![],
+    ));
+    assert_eq!((v.cause, v.confidence), (Cause::Unknown, Confidence::Low));
+    assert!(
+        v.text
+            .contains("asleep (state S in hrtimer_nanosleep, on CPU 0%"),
+        "{}",
+        v.text
+    );
+}
