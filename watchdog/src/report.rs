@@ -195,6 +195,7 @@ impl Reporting {
                     thread_id: s.thread_id,
                     thread_name: s.thread_name.clone(),
                     in_flight: s.in_flight,
+                    began_in_stall: s.in_flight || s.delta_ns <= 0,
                     site: first_user_frame(&s.frames)
                         .map(|f| f.to_string())
                         .unwrap_or_else(|| "<unknown caller>".into()),

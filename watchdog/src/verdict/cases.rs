@@ -142,19 +142,40 @@ pub(super) fn first_touch(e: &Evidence, st: &ThreadEvidence, d: Counters, w: u64
         .iter()
         .find(|a| a.thread_id == st.tid)
         .cloned();
+    // Mostly system time: faulting in the pages is the stall. Mostly user time: the thread
+    // moves data into its fresh allocation (a rehash), touching its pages as it goes.
+    let faulting = d.stime_ns >= w / 3;
     let (confidence, after) = match &alloc {
-        Some(a) => (
+        Some(a) if faulting => (
             Confidence::High,
             format!(" after its {} allocation at {}", HumanBytes(a.size), a.site),
         ),
+        Some(a) => (
+            Confidence::Medium,
+            format!(
+                " filling or rehashing its {} allocation at {}",
+                HumanBytes(a.size),
+                a.site
+            ),
+        ),
         None => (Confidence::Medium, String::new()),
     };
-    let mut text = format!(
-        "thread '{}' was on CPU faulting in fresh pages for {dur}{after} ({} minor faults, {}% system time)",
-        st.name,
-        d.minflt,
-        pct(d.stime_ns, w).min(100)
-    );
+    let mut text = if faulting {
+        format!(
+            "thread '{}' was on CPU faulting in fresh pages for {dur}{after} ({} minor faults, {}% system time)",
+            st.name,
+            d.minflt,
+            pct(d.stime_ns, w).min(100)
+        )
+    } else {
+        format!(
+            "thread '{}' was on CPU for {dur}{after} ({}% user time, {} minor faults, {}% system time)",
+            st.name,
+            pct(d.utime_ns, w).min(100),
+            d.minflt,
+            pct(d.stime_ns, w).min(100)
+        )
+    };
     match alloc.as_ref().and_then(|a| a.growth.clone()) {
         Some(g) => text.push_str(&format!("; {g}")),
         None => {

@@ -85,6 +85,8 @@ pub struct AllocEvidence {
     pub thread_name: String,
     /// Still inside the allocator at detection.
     pub in_flight: bool,
+    /// Made after the stall began (or still in flight): what the stalled time went into.
+    pub began_in_stall: bool,
     /// The first caller frame outside the allocator, as text.
     pub site: String,
     /// The growth hint for that call site, when its allocations grow geometrically.

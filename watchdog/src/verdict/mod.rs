@@ -256,6 +256,33 @@ fn decide_thread(e: &Evidence) -> Verdict {
     if d.minflt >= 100 && d.stime_ns >= w / 3 {
         return first_touch(e, st, d, w);
     }
+    // On CPU, mostly in user code, faulting: a rehash or fill of an allocation it made once the
+    // stall began (a HashMap resize moves every entry, touching the new table as it goes).
+    let fresh = e
+        .allocations
+        .iter()
+        .any(|a| a.thread_id == st.tid && a.began_in_stall);
+    if fresh && d.minflt >= 100 && d.cpu_ns >= w / 2 {
+        return first_touch(e, st, d, w);
+    }
+    if d.cpu_ns >= w * 4 / 5 && d.utime_ns < w / 2 && d.minflt < 100 {
+        let mut v = Verdict::new(
+            Cause::OnCpu,
+            Confidence::Medium,
+            format!(
+                "{who} was on CPU the whole {dur}, {}% of it in the kernel with few faults: a large system call (writing or reading a big buffer, unmapping a large region) on the thread that must stay responsive",
+                pct(d.stime_ns, w).min(100)
+            ),
+        )
+        .with_culprit(st.tid, &st.name, "in system calls");
+        v.evidence.push(format!(
+            "on CPU {} of the {} window, system time {}",
+            HumanNanos(d.cpu_ns),
+            HumanNanos(w),
+            HumanNanos(d.stime_ns)
+        ));
+        return v;
+    }
     if d.utime_ns >= w / 2 || (d.cpu_ns >= w * 4 / 5 && d.minflt < 100) {
         let mut v = Verdict::new(
             Cause::OnCpu,

@@ -250,3 +250,61 @@ fn a_plain_sleep_is_unknown_and_says_so() {
         v.text
     );
 }
+
+#[test]
+fn on_cpu_says_whether_it_rehashed_a_fresh_allocation_or_sat_in_system_calls() {
+    // Mostly user time with faults, right after an allocation on the same thread: a rehash.
+    let mut t = thread(5, "indexer", 'R', "", &[]);
+    t.delta = Some(Counters {
+        cpu_ns: 290 * MS,
+        utime_ns: 230 * MS,
+        stime_ns: 60 * MS,
+        minflt: 3_700,
+        ..Default::default()
+    });
+    let mut e = stall(t.clone(), vec![]);
+    e.allocations.push(AllocEvidence {
+        size: 272 << 20,
+        thread_id: 5,
+        thread_name: "indexer".into(),
+        began_in_stall: true,
+        site: "svc::index".into(),
+        ..Default::default()
+    });
+    let v = decide(&e);
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::FirstTouch, Confidence::Medium),
+        "{}",
+        v.text
+    );
+    assert!(
+        v.text
+            .contains("filling or rehashing its 272.00 MiB allocation at svc::index"),
+        "{}",
+        v.text
+    );
+    // The same counters with the allocation made long before the stall: its own work.
+    e.allocations[0].began_in_stall = false;
+    assert_eq!(decide(&e).cause, Cause::OnCpu);
+    // On CPU, nearly all of it system time, no faults: a big system call, said as such (never
+    // "ran user code"), and not with high confidence.
+    t.delta = Some(Counters {
+        cpu_ns: 295 * MS,
+        utime_ns: 5 * MS,
+        stime_ns: 290 * MS,
+        ..Default::default()
+    });
+    let v = decide(&stall(t, vec![]));
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::OnCpu, Confidence::Medium),
+        "{}",
+        v.text
+    );
+    assert!(
+        v.text.contains("in the kernel") && !v.text.contains("user code"),
+        "{}",
+        v.text
+    );
+}
