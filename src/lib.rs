@@ -59,10 +59,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use alloc_guard;
-pub use alloc_guard::{assert_no_large_allocs, GuardedAlloc};
+pub use alloc_guard::{assert_no_large_allocs, on_large_alloc, GuardedAlloc};
 pub use probes;
 pub use watchdog;
-pub use watchdog::Heartbeat;
+pub use watchdog::{on_stall, Heartbeat};
 
 /// The capture helper and armed recorder (`freezetrap-capture`) as a library: a service binary
 /// can serve as its own helper with `capture::cli::run` (feature `capture`).

@@ -55,6 +55,7 @@
 pub mod config;
 mod cursor;
 mod event;
+mod events;
 pub mod growth;
 mod inflight;
 mod record;
@@ -75,6 +76,7 @@ use std::sync::Arc;
 
 pub use config::EnvSettings;
 pub use event::AllocKind;
+pub use events::on_large_alloc;
 pub use record::{stats, RecorderStats};
 pub use report::{LargeAlloc, Reporter, ReporterConfig, ReporterStats, IDLE_POLL_MAX};
 pub use scope::assert_no_large_allocs;

@@ -241,6 +241,7 @@ fn run(cfg: ReporterConfig, sh: Arc<Shared>) {
                 event: "large_alloc",
                 alloc: &alloc,
             });
+            crate::events::deliver(&alloc);
         });
         if stats.lost > lost_announced {
             let n = stats.lost - lost_announced;

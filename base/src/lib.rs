@@ -21,6 +21,7 @@ pub mod clock;
 #[cfg(ft_linux)]
 pub mod dirs;
 pub mod env;
+pub mod hooks;
 pub mod parse;
 #[cfg(ft_linux)]
 pub mod raw;

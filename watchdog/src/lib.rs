@@ -36,6 +36,7 @@
 pub mod config;
 #[cfg(ft_linux)]
 mod detector;
+mod events;
 #[cfg(ft_linux)]
 #[doc(hidden)]
 pub mod forksafe;
@@ -70,6 +71,7 @@ pub mod verdict;
 pub mod tokio;
 
 pub use config::{CaptureConfig, WatchdogConfig};
+pub use events::on_stall;
 pub use heartbeat::Heartbeat;
 pub use stall_report::StallReport;
 #[cfg(ft_linux)]

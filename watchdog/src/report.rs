@@ -237,6 +237,7 @@ pub(crate) fn run(
                             event: "stall",
                             report,
                         });
+                        crate::events::deliver(report);
                     }
                 }
             }
@@ -290,6 +291,7 @@ pub(crate) fn run(
                 event: "stall",
                 report,
             });
+            crate::events::deliver(report);
         }
     }
 }
