@@ -376,8 +376,9 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
     }
     // Our own names for the user frames: from files held open while the target was alive.
     let wait = if target_exited.is_some() { 1 } else { 5 };
-    if let Ok(syms) = symbols.recv_timeout(Duration::from_secs(wait)) {
-        resymbolize(&mut maps, &syms);
+    let syms = symbols.recv_timeout(Duration::from_secs(wait)).ok();
+    if let Some(syms) = &syms {
+        resymbolize(&mut maps, syms);
     }
 
     // From bpftrace's "recording" (its probes attached) to its end.
@@ -398,7 +399,11 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
     summary.target_exited_after_s = target_exited;
     summary.stopped_by_signal = stopped_by_signal;
     let title = format!("Off-CPU time, pid {pid} ({recorded_s:.1} s)");
-    match write_capture(&dir, &maps, &title, &summary) {
+    let recorded = crate::output::Recorded {
+        duration_ns: (recorded_s * 1e9) as u64,
+        symbols: syms.as_ref(),
+    };
+    match write_capture(&dir, &maps, &title, &summary, recorded) {
         Ok(w) => {
             if let Some(why) = w.no_graph {
                 eprintln!("freezetrap-capture: no flame graph: {why}");

@@ -20,6 +20,7 @@ pub mod conclude;
 pub mod frame_pointers;
 pub mod maps;
 pub mod output;
+pub mod pprof;
 pub mod preflight;
 pub mod stapsdt;
 pub mod summary;

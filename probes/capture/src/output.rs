@@ -3,6 +3,7 @@
 //! beneath a directory handle that was checked when it was opened.
 
 use super::{folded, Maps};
+use crate::symbols::TargetSymbols;
 use base::dirs::Dir;
 use serde::Serialize;
 
@@ -17,13 +18,24 @@ pub struct Written {
     pub no_graph: Option<String>,
 }
 
-/// Writes `offcpu.folded`, `oncpu.folded`, `offcpu.svg` (when there are off-CPU stacks) and
-/// `summary.json` into `dir`. `title` heads the flame graph.
+/// What the data covers, for the files that say so.
+#[derive(Clone, Copy, Default)]
+pub struct Recorded<'a> {
+    /// How long the recording was, ns (the pprof profiles' duration).
+    pub duration_ns: u64,
+    /// The target's symbols, for the pprof profiles' files and lines.
+    pub symbols: Option<&'a TargetSymbols>,
+}
+
+/// Writes `offcpu.folded`, `oncpu.folded`, `offcpu.svg` (when there are off-CPU stacks),
+/// `offcpu.pb.gz` and `oncpu.pb.gz` (pprof) and `summary.json` into `dir`. `title` heads the
+/// flame graph.
 pub fn write_capture(
     dir: &Dir,
     maps: &Maps,
     title: &str,
     summary: &impl Serialize,
+    recorded: Recorded,
 ) -> std::io::Result<Written> {
     let off = folded(maps.get("@off"));
     let on = folded(maps.get("@on"));
@@ -36,6 +48,14 @@ pub fn write_capture(
     };
     write("offcpu.folded", &off)?;
     write("oncpu.folded", &on)?;
+    for (name, map, kind) in [
+        ("offcpu.pb.gz", "@off", crate::pprof::OFFCPU),
+        ("oncpu.pb.gz", "@on", crate::pprof::ONCPU),
+    ] {
+        let gz =
+            crate::pprof::profile_gz(maps.get(map), kind, recorded.duration_ns, recorded.symbols)?;
+        dir.write_file(name, &gz)?;
+    }
     let json = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other)?;
     dir.write_file("summary.json", &json)?;
 

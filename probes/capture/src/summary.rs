@@ -42,9 +42,10 @@ pub struct Summary {
     pub offcpu_total_us: u64,
     /// Heaviest off-CPU stacks, heaviest first (at most 10).
     pub top_blocking: Vec<Blocking>,
-    /// The same without waits that were idle by choice (sleeping, polling, a futex wait that
-    /// lasted the whole recording) and without freezetrap's own threads: what a freeze made
-    /// the service's threads wait for. Heaviest first, at most 10.
+    /// The same without waits that were idle by choice (sleeping, polling, the futex waits of a
+    /// parked thread: half the recording or more in futex waits, under 5% on CPU) and without
+    /// freezetrap's own threads: what a freeze made the service's threads wait for. Heaviest
+    /// first, at most 10.
     pub top_waits: Vec<Blocking>,
     /// Off-CPU time of those idle waits, µs.
     pub idle_us: u64,
@@ -85,7 +86,7 @@ pub fn summarize(pid: u32, recorded_us: u64, maps: &Maps, stall: &StallWindow) -
     let offcpu_total_us = blocking.iter().map(|b| b.us).sum();
     blocking.sort_by_key(|b| std::cmp::Reverse(b.us));
     blocking.truncate(10);
-    let (top_waits, idle_us) = waits(maps.get("@off"), recorded_us);
+    let (top_waits, idle_us) = waits(maps, recorded_us);
     let mut lock = MmapLock::default();
     if let Some(w) = maps.get("@lock_wait_max_us") {
         lock.max_wait_us = w.values().copied().max().unwrap_or(0);
@@ -119,9 +120,27 @@ pub fn summarize(pid: u32, recorded_us: u64, maps: &Maps, stall: &StallWindow) -
 }
 
 /// The headline waits (heaviest first, at most 10) and the idle time set apart: stacks idle
-/// by choice, futex waits of a thread that lasted ~the whole recording (a worker parked on
-/// its queue), and freezetrap's own threads (left out, not counted as idle).
-fn waits(off: Option<&BTreeMap<String, u64>>, recording_us: u64) -> (Vec<Blocking>, u64) {
+/// by choice, futex waits of a parked thread — one that spent at least half the recording in
+/// futex waits and under 5% of it on CPU (a worker waiting on its queue) — and freezetrap's own
+/// threads (left out, not counted as idle).
+fn waits(maps: &Maps, recording_us: u64) -> (Vec<Blocking>, u64) {
+    let off = maps.get("@off");
+    let futex = |k: &crate::maps::Key| k.kernel.iter().any(|f| f.starts_with("futex_"));
+    let mut futex_us: BTreeMap<u64, u64> = BTreeMap::new();
+    for (k, &v) in off.into_iter().flatten() {
+        let key = split_key(k);
+        if futex(&key) {
+            *futex_us.entry(key.tid).or_insert(0) += v;
+        }
+    }
+    let mut on_us: BTreeMap<u64, u64> = BTreeMap::new();
+    for (k, &n) in maps.get("@on").into_iter().flatten() {
+        *on_us.entry(split_key(k).tid).or_insert(0) += n * 1_000_000 / conclude::SAMPLE_HZ;
+    }
+    let parked = |tid: u64| {
+        futex_us.get(&tid).copied().unwrap_or(0) >= recording_us / 2
+            && on_us.get(&tid).copied().unwrap_or(0) <= recording_us / 20
+    };
     let mut idle_us = 0;
     let mut acc: BTreeMap<String, u64> = BTreeMap::new();
     for (k, &v) in off.into_iter().flatten() {
@@ -130,9 +149,7 @@ fn waits(off: Option<&BTreeMap<String, u64>>, recording_us: u64) -> (Vec<Blockin
             continue;
         }
         let stack = fold(&key);
-        let parked =
-            v >= recording_us / 10 * 9 && key.kernel.iter().any(|f| f.starts_with("futex_"));
-        if is_idle(&stack) || parked {
+        if is_idle(&stack) || (futex(&key) && parked(key.tid)) {
             idle_us += v;
         } else {
             *acc.entry(stack).or_insert(0) += v;

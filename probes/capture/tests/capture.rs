@@ -196,6 +196,7 @@ fn a_spinning_thread_is_concluded_on_cpu_in_its_function() {
         stdout.contains(": on_cpu (high): thread 'spinner' ran"),
         "the line leads with the verdict: {stdout}"
     );
+    common::assert_pprof_shows_the_spin(&out_dir);
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

@@ -23,6 +23,7 @@ pub(super) fn write(
     pid: u32,
     ready: &Ready,
     counts: Counts,
+    symbols: Option<&crate::symbols::TargetSymbols>,
 ) -> Result<(OsString, String), String> {
     let first = &ready.stalls[0];
     let (name, dir) =
@@ -63,7 +64,11 @@ pub(super) fn write(
         "Off-CPU time, pid {pid}, stall {} (armed: {} ms before to {} ms after the probe)",
         first.id, -ready.from_ms, ready.to_ms
     );
-    write_capture(&dir, &ready.maps, &title, &summary)
+    let recorded = crate::output::Recorded {
+        duration_ns: recorded_us * 1000,
+        symbols,
+    };
+    write_capture(&dir, &ready.maps, &title, &summary, recorded)
         .map_err(|e| format!("writing {} failed: {e}", dir.path().display()))?;
     let line = format!(
         "{} (stall {}, window {:+.2} s..{:+.2} s; {})",

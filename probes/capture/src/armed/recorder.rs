@@ -350,11 +350,13 @@ impl Recorder<'_> {
                 let _ = syms.refresh(pid);
             }
         }
-        if let Some(syms) = state.symbols() {
+        let pid = state.pid;
+        let syms = state.symbols();
+        if let Some(syms) = syms {
             crate::resymbolize(&mut ready.maps, syms);
             crate::resymbolize(&mut ready.stall_maps, syms);
         }
-        let written = disk::write(&self.args.out, state.pid, &ready, counts);
+        let written = disk::write(&self.args.out, pid, &ready, counts, syms);
         match written {
             Ok((dir, line)) => {
                 self.captures += 1;

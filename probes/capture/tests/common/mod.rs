@@ -227,3 +227,58 @@ pub fn assert_concluded_on_cpu_in_the_spin(summary: &serde_json::Value, tid: u64
         );
     }
 }
+
+/// `go tool pprof <args> <profile>`'s output: a real consumer reading a capture's pprof file.
+/// `None` (with a message) when Go is not installed; under CI (`CI=true`) or
+/// `FREEZETRAP_REQUIRE_EBPF=1` a missing Go is a failure (`.ci/run` installs golang-go).
+pub fn go_pprof(args: &[&str], profile: &std::path::Path) -> Option<String> {
+    let go = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("go"))
+            .find(|g| g.is_file())
+    });
+    let Some(go) = go else {
+        let strict = std::env::var("CI").as_deref() == Ok("true")
+            || std::env::var("FREEZETRAP_REQUIRE_EBPF").as_deref() == Ok("1");
+        assert!(!strict, "go is not installed (apt-get install golang-go), and CI needs it to read the pprof files");
+        eprintln!(
+            "SKIPPED reading {} with go tool pprof: go not installed (apt-get install golang-go)",
+            profile.display()
+        );
+        return None;
+    };
+    let home = std::env::temp_dir();
+    let out = std::process::Command::new(go)
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(profile)
+        .env("HOME", &home)
+        .env("GOCACHE", home.join("freezetrap-test-gocache"))
+        .output()
+        .expect("run go tool pprof");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "go tool pprof {args:?} {} failed:\n{stdout}\n{}",
+        profile.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(stdout)
+}
+
+/// Panics unless `go tool pprof` finds the spinner in `dir`'s on-CPU profile, with the file and
+/// line of the function it spun in and its thread label, and reads the off-CPU profile.
+pub fn assert_pprof_shows_the_spin(dir: &std::path::Path) {
+    let Some(top) = go_pprof(&["-top", "-lines"], &dir.join("oncpu.pb.gz")) else {
+        return;
+    };
+    assert!(
+        top.lines()
+            .any(|l| l.contains("spin_in_one_function") && l.contains("common/mod.rs:")),
+        "go tool pprof -top -lines oncpu.pb.gz names the spin with its file and line:\n{top}"
+    );
+    let tags = go_pprof(&["-tags"], &dir.join("oncpu.pb.gz")).unwrap();
+    assert!(tags.contains("spinner"), "the thread label:\n{tags}");
+    let off = go_pprof(&["-top"], &dir.join("offcpu.pb.gz")).unwrap();
+    assert!(off.contains("Type: offcpu"), "{off}");
+}
