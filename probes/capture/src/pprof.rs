@@ -185,14 +185,14 @@ impl Builder {
     }
 }
 
+/// One line of a location: function, file ("" when unknown), line (0 when unknown).
+type SourceLine = (String, String, i64);
+
 /// The user frames of a key as (address, lines innermost first): consecutive `ustack(perf)` lines
 /// with one address are one location (the inlined frames [`crate::resymbolize`] wrote). With
 /// `syms`, each address is resolved again for its files and lines.
-fn user_locations(
-    key: &str,
-    syms: Option<&TargetSymbols>,
-) -> Vec<(u64, Vec<(String, String, i64)>)> {
-    let mut out: Vec<(u64, Vec<(String, String, i64)>)> = Vec::new();
+fn user_locations(key: &str, syms: Option<&TargetSymbols>) -> Vec<(u64, Vec<SourceLine>)> {
+    let mut out: Vec<(u64, Vec<SourceLine>)> = Vec::new();
     let names = split_key(key).user;
     let mut names = names.into_iter();
     for line in key.split('\n').filter_map(|l| l.strip_prefix('\t')) {
