@@ -64,6 +64,11 @@ pub use probes;
 pub use watchdog;
 pub use watchdog::{on_stall, Heartbeat};
 
+/// Heartbeats for Tokio runtimes ([`tokio::spawn_heartbeat`]).
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use watchdog::tokio;
+
 /// The capture helper and armed recorder (`freezetrap-capture`) as a library: a service binary
 /// can serve as its own helper with `capture::cli::run` (feature `capture`).
 #[cfg(feature = "capture")]
