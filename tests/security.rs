@@ -238,6 +238,14 @@ fn an_out_directory_owned_by_another_user_or_open_to_all_is_refused() {
             "and says captures are off:\n{}",
             r.stderr
         );
+        // The relative FREEZETRAP_REPORT meant "under FREEZETRAP_OUT": not the working directory.
+        assert!(
+            r.stderr.contains(
+                "FREEZETRAP_REPORT=report.jsonl is relative to FREEZETRAP_OUT, which was refused: the JSON report is off"
+            ),
+            "{}",
+            r.stderr
+        );
     }
 }
 

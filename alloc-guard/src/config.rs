@@ -67,7 +67,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "FREEZETRAP_REPORT",
         value: "a file path, `stderr`, or `off`",
         default: "off",
-        effect: "where the JSON-lines report goes (appended; created 0600, never through a symlink, and only a regular file owned by this user); a relative path is taken under `FREEZETRAP_OUT` when that is set",
+        effect: "where the JSON-lines report goes (appended; created 0600, never through a symlink, and only a regular file owned by this user); a relative path is taken under `FREEZETRAP_OUT` when that is set (and the report is off, said in one line, when that directory is refused)",
     },
     EnvVar {
         name: "FREEZETRAP_OUT",
@@ -127,7 +127,7 @@ impl EnvSettings {
             }
         });
         let out_dir = out.as_ref().map(|d| d.path().to_path_buf());
-        let report = match std::env::var("FREEZETRAP_REPORT") {
+        let mut report = match std::env::var("FREEZETRAP_REPORT") {
             Ok(v) => ReportSink::parse(&v, out_dir.as_deref()),
             Err(std::env::VarError::NotPresent) => ReportSink::Off,
             Err(std::env::VarError::NotUnicode(v)) => ReportSink::File(match &out_dir {
@@ -135,6 +135,19 @@ impl EnvSettings {
                 _ => PathBuf::from(v),
             }),
         };
+        // A relative report path meant "under FREEZETRAP_OUT": with that directory refused it
+        // would land in whatever the working directory is (a service's, a test's source tree).
+        if std::env::var_os("FREEZETRAP_OUT").is_some() && out_dir.is_none() {
+            if let ReportSink::File(p) = &report {
+                if p.is_relative() {
+                    eprintln!(
+                        "freezetrap: FREEZETRAP_REPORT={} is relative to FREEZETRAP_OUT, which was refused: the JSON report is off",
+                        p.display()
+                    );
+                    report = ReportSink::Off;
+                }
+            }
+        }
         let quiet = match std::env::var("FREEZETRAP_QUIET") {
             Ok(v) => match v.as_str() {
                 "1" | "true" | "yes" => true,

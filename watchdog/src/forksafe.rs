@@ -124,7 +124,9 @@ impl<T> Drop for ForkSafeBox<T> {
 /// Only the part below is marked: glibc keeps the thread descriptor and static TLS at the top
 /// of the stack mapping, and a forked child walks those descriptors, so they must exist in the
 /// child. `f`'s frames (and everything it calls) lie below the marked boundary: a padding frame
-/// moves the stack pointer down a few pages first. Returns `f`'s value; if marking fails, `f`
+/// moves the stack pointer down a few pages first, and `f` runs in a frame of its own below it.
+/// What `f` captured may live above the boundary: `f` may read it, but must not write it once
+/// forks can happen (the watchdog's loop only reads its `Detector`). Returns `f`'s value; if marking fails, `f`
 /// still runs (unprotected) and the error is returned alongside.
 pub fn run_on_protected_stack<R>(f: impl FnOnce() -> R) -> (R, std::io::Result<()>) {
     let sp: usize;
@@ -244,12 +246,22 @@ pub fn populate_code() {
 
 #[inline(never)]
 fn below_padding<R>(f: impl FnOnce() -> R) -> R {
-    // Four pages of padding: `f`'s frame starts below the marked boundary.
+    // Four pages of padding, then `f` in a frame of its own: that frame starts below this one,
+    // and so below the marked boundary. Calling `f` here directly is not enough: the compiler
+    // inlines it, and its locals then share this frame, whose top lies *above* the boundary
+    // (seen: the watchdog loop kept `now` at -0x30(%rbp), write-protected by every fork, so a
+    // fork with GiBs resident blocked the watchdog on its first tick).
     let pad = [0u8; 16 << 10];
     core::hint::black_box(&pad);
-    let r = f();
+    let r = in_own_frame(f);
     core::hint::black_box(&pad);
     r
+}
+
+/// Runs `f` in this (never inlined) frame, so `f`'s inlined locals live below the caller's.
+#[inline(never)]
+fn in_own_frame<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[cfg(test)]
