@@ -22,44 +22,6 @@ pub fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
     ret
 }
 
-/// Sleeps until `deadline_ns` on `CLOCK_MONOTONIC` (absolute). A raw syscall on purpose: glibc's
-/// `clock_nanosleep` is a cancellation point and writes the thread descriptor's cancel state
-/// on every call, a store into the same fork-protected page as errno.
-#[cfg(target_arch = "x86_64")]
-pub fn sleep_until(deadline_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (deadline_ns / 1_000_000_000) as _,
-        tv_nsec: (deadline_ns % 1_000_000_000) as _,
-    };
-    let _ret: isize;
-    // SAFETY: clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL): the fourth argument
-    // goes in r10 per the syscall ABI; `ts` outlives the call; EINTR just ends the sleep early.
-    unsafe {
-        core::arch::asm!("syscall", inlateout("rax") libc::SYS_clock_nanosleep as isize => _ret,
-            in("rdi") libc::CLOCK_MONOTONIC as usize, in("rsi") libc::TIMER_ABSTIME as usize,
-            in("rdx") &ts as *const libc::timespec as usize, in("r10") 0usize,
-            lateout("rcx") _, lateout("r11") _, options(nostack));
-    }
-}
-
-/// Portable fallback.
-#[cfg(not(target_arch = "x86_64"))]
-pub fn sleep_until(deadline_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (deadline_ns / 1_000_000_000) as _,
-        tv_nsec: (deadline_ns % 1_000_000_000) as _,
-    };
-    // SAFETY: valid timespec.
-    unsafe {
-        libc::clock_nanosleep(
-            libc::CLOCK_MONOTONIC,
-            libc::TIMER_ABSTIME,
-            &ts,
-            core::ptr::null_mut(),
-        )
-    };
-}
-
 /// `syscall(n, a, b, c, d)`; returns the kernel's result (negative errno on failure).
 #[cfg(target_arch = "x86_64")]
 pub fn syscall4(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
@@ -82,6 +44,81 @@ pub fn syscall5(n: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usiz
             in("r10") d, in("r8") e, lateout("rcx") _, lateout("r11") _, options(nostack));
     }
     ret
+}
+
+/// `syscall(n, a, b, c, d, e, f)`; returns the kernel's result (negative errno on failure).
+#[cfg(target_arch = "x86_64")]
+pub fn syscall6(
+    n: libc::c_long,
+    a: usize,
+    b: usize,
+    c: usize,
+    d: usize,
+    e: usize,
+    f: usize,
+) -> isize {
+    let ret: isize;
+    // SAFETY: as `syscall3`; the fourth to sixth arguments go in r10, r8 and r9.
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a, in("rsi") b, in("rdx") c,
+            in("r10") d, in("r8") e, in("r9") f, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+/// Portable fallback (touches errno on failure).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn syscall6(
+    n: libc::c_long,
+    a: usize,
+    b: usize,
+    c: usize,
+    d: usize,
+    e: usize,
+    f: usize,
+) -> isize {
+    // SAFETY: forwards to libc's generic syscall wrapper.
+    let r = unsafe { libc::syscall(n, a, b, c, d, e, f) } as isize;
+    if r < 0 {
+        -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize)
+    } else {
+        r
+    }
+}
+
+/// Sleeps until `deadline_ns` on `CLOCK_MONOTONIC` (absolute), or until [`wake_all`] is called
+/// on `word` after it stopped holding `expected`: the watchdog's sleep, which its owner's drop
+/// must be able to cut short (a process exiting would otherwise wait for the next tick).
+///
+/// A private futex wait with an absolute deadline (`FUTEX_WAIT_BITSET` measures it on
+/// `CLOCK_MONOTONIC`); the kernel only reads `word`. A raw syscall on purpose: glibc's sleeping
+/// calls are cancellation points and write the thread descriptor's cancel state on every call,
+/// a store into the same fork-protected page as errno. Returns early on a wake, a changed word
+/// or a signal: callers re-check their deadline and their word.
+pub fn sleep_until_or_woken(word: &core::sync::atomic::AtomicU32, expected: u32, deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as _,
+        tv_nsec: (deadline_ns % 1_000_000_000) as _,
+    };
+    syscall6(
+        libc::SYS_futex,
+        word.as_ptr() as usize,
+        (libc::FUTEX_WAIT_BITSET | libc::FUTEX_PRIVATE_FLAG) as usize,
+        expected as usize,
+        &ts as *const libc::timespec as usize,
+        0,
+        libc::FUTEX_BITSET_MATCH_ANY as u32 as usize,
+    );
+}
+
+/// Wakes every thread in [`sleep_until_or_woken`] on `word` (store the new value first).
+pub fn wake_all(word: &core::sync::atomic::AtomicU32) {
+    syscall3(
+        libc::SYS_futex,
+        word.as_ptr() as usize,
+        (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as usize,
+        i32::MAX as usize,
+    );
 }
 
 /// Portable fallback (touches errno on failure).

@@ -69,7 +69,8 @@ pub(crate) struct Detector {
     pub(crate) cfg: WatchdogConfig,
     pub(crate) shared: Arc<Shared>,
     pub(crate) trigger: Option<Trigger>,
-    /// Blank records; moved onto the fork-proof stack when the loop starts.
+    /// Blank records, made by this thread when it starts (not by the caller of `start`, which
+    /// would wait for it), then moved into the fork-proof loop state.
     pub(crate) pool: Vec<ForkSafeBox<StallRecord>>,
     /// Records coming back from the report thread.
     pub(crate) returned: Receiver<ForkSafeBox<StallRecord>>,
@@ -102,13 +103,37 @@ impl Detector {
         }
     }
 
+    /// The owner was dropped: setup stops between its steps (a short-lived program must not
+    /// wait for a watchdog that never got to watch).
+    fn stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire) != 0
+    }
+
     fn run(mut self) {
+        for _ in 0..POOL {
+            if self.stopping() {
+                return;
+            }
+            match StallRecord::new_fork_safe() {
+                Ok(rec) => self.pool.push(rec),
+                Err(e) => {
+                    eprintln!("freezetrap: the watchdog cannot map its stall records ({e}): stalls will not be detected");
+                    return;
+                }
+            }
+        }
+        if self.stopping() {
+            return;
+        }
         prefault_stack();
         // Everything the loop writes lives in fork-proof memory: this state block, the records,
         // and this thread's (marked) stack. Pages it only reads are mapped now.
         alloc_guard::internal::RING.touch_all();
         alloc_guard::internal::touch_in_flight();
         crate::forksafe::populate_code();
+        if self.stopping() {
+            return;
+        }
         // The process-wide counters (opening them finds the cgroup: allocation, before the loop).
         let sys = SysView::open();
         let init = |p: *mut LoopState| {
@@ -159,9 +184,15 @@ impl Detector {
         // A first reading, so the first tick already has a baseline.
         tick.sample_sys(u64::MAX);
         let mut deadline = monotonic_ns().saturating_add(period);
-        while !self.shared.stop.load(Ordering::Acquire) {
-            base::raw::sleep_until(deadline);
+        while self.shared.stop.load(Ordering::Acquire) == 0 {
+            base::raw::sleep_until_or_woken(&self.shared.stop, 0, deadline);
+            if self.shared.stop.load(Ordering::Acquire) != 0 {
+                break;
+            }
             let now = monotonic_ns();
+            if now < deadline {
+                continue; // a signal ended the wait early: not a tick
+            }
             let late = now.saturating_sub(deadline);
             self.shared.samples.push(late);
             tick.sample_sys(late);

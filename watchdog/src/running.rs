@@ -1,8 +1,8 @@
 //! The running watchdog (Linux): its two threads, and the state they share with the handle.
 
 use crate::config::WatchdogConfig;
-use crate::{detector, forksafe, report, stall, trigger, HiccupStats};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::{detector, forksafe, report, trigger, HiccupStats};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -35,7 +35,9 @@ impl SampleRing {
 
 /// State shared between the handle and the watchdog thread.
 pub(crate) struct Shared {
-    pub(crate) stop: AtomicBool,
+    /// 1 once the owner is dropped; the watchdog sleeps on it (a futex word), so the drop
+    /// wakes it at once instead of waiting for its next tick.
+    pub(crate) stop: AtomicU32,
     /// The capture launcher's pid (0: none), for monitoring. In fork-proof memory: the watchdog
     /// thread writes it.
     pub(crate) launcher_pid: forksafe::ForkSafeBox<core::sync::atomic::AtomicU32>,
@@ -76,7 +78,7 @@ impl Running {
             .map_err(|e| std::io::Error::other(format!("histogram: {e}")))?;
         let samples = forksafe::ForkSafeBox::<SampleRing>::new_zeroed()?;
         let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
+            stop: AtomicU32::new(0),
             launcher_pid: forksafe::ForkSafeBox::new_zeroed()?,
             samples,
             hiccups: Mutex::new((hist, 0)),
@@ -86,10 +88,6 @@ impl Running {
             trigger.as_ref().and_then(|t| t.launcher_pid()).unwrap_or(0),
             Ordering::Relaxed,
         );
-        let mut pool = Vec::with_capacity(POOL);
-        for _ in 0..POOL {
-            pool.push(stall::StallRecord::new_fork_safe()?);
-        }
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
         let (out_tx, out_rx) = crossbeam_channel::bounded(POOL * 4);
         let (launcher_tx, launcher_rx) = crossbeam_channel::bounded(1);
@@ -107,7 +105,7 @@ impl Running {
             cfg: cfg.clone(),
             shared: shared.clone(),
             trigger,
-            pool,
+            pool: Vec::with_capacity(POOL),
             returned: pool_rx,
             out: out_tx,
             launchers: launcher_rx,
@@ -171,7 +169,8 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.shared.stop.store(1, Ordering::Release);
+        base::raw::wake_all(&self.shared.stop);
         if let Some(d) = self.detector.take() {
             let _ = d.join(); // drops the sender: the report thread drains and exits
         }
