@@ -1,34 +1,119 @@
 //! The allocation-overhead workloads, for instruction counting under callgrind
 //! (`bash benches/callgrind.sh` runs them all and prints the ratios).
 //!
-//! Variants (first argument):
-//! - `service`: a small-allocation-heavy request loop through the *global* allocator (strings,
-//!   vectors, boxes, a bounded map): what a service pays. Build with
-//!   `--features bench-bare-jemalloc` for the bare-jemalloc baseline; set
-//!   `FREEZETRAP_ALLOC_THRESHOLD` for the "threshold set" case.
-//! - `bare`, `guard-off`, `guard-threshold`: nothing but allocator calls (alloc/realloc/dealloc
-//!   of 8..1024 bytes) made directly on `Jemalloc` or on a `GuardedAlloc`: the worst case, where
-//!   the fixed per-call cost of the guard is all there is to see.
+//! `alloc_workload WORKLOAD OPS THREADS`: every workload goes through the *global* allocator
+//! (`__rust_alloc`), as a service's allocations do. Build with `--features bench-bare-jemalloc`
+//! for the bare-jemalloc baseline; set `FREEZETRAP_ALLOC_THRESHOLD` for the "threshold set" case.
+//! - `service`: a request loop (format a line, split it, build a key and a response, keep a
+//!   bounded cache): what a service pays.
+//! - `churn`: allocator-heavy: small `Vec`/`String`/`Box` churn plus `HashMap` inserts.
+//! - `calls`: nothing but allocator calls (alloc/realloc/dealloc of 8..1024 bytes): the worst
+//!   case, where the fixed per-call cost of the guard is all there is to see.
+//!
+//! `THREADS` (1 or more) runs the workload on that many threads at once.
 
 #[path = "../benches/workload.rs"]
 mod workload;
 
+#[cfg(not(any(feature = "bench-bare-jemalloc", feature = "bench-minimal-wrapper")))]
 use freezetrap::GuardedAlloc;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use tikv_jemallocator::Jemalloc;
 
-#[cfg(not(feature = "bench-bare-jemalloc"))]
+#[cfg(not(any(feature = "bench-bare-jemalloc", feature = "bench-minimal-wrapper")))]
 #[global_allocator]
 static GLOBAL: GuardedAlloc<Jemalloc> = GuardedAlloc::new(Jemalloc);
+
+/// The reference: one relaxed load and one compare of a word in this crate's static, nothing
+/// more (its "slow path" only calls an out-of-line function).
+#[cfg(feature = "bench-minimal-wrapper")]
+struct Minimal(std::sync::atomic::AtomicUsize);
+
+#[cfg(feature = "bench-minimal-wrapper")]
+#[cold]
+#[inline(never)]
+fn minimal_slow(size: usize) {
+    std::hint::black_box(size);
+}
+
+#[cfg(feature = "bench-minimal-wrapper")]
+// SAFETY: forwards every call unchanged to jemalloc.
+unsafe impl std::alloc::GlobalAlloc for Minimal {
+    #[inline]
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.size() >= self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            minimal_slow(layout.size());
+        }
+        // SAFETY: the caller's request, unchanged.
+        unsafe { Jemalloc.alloc(layout) }
+    }
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's request, unchanged.
+        unsafe { Jemalloc.dealloc(ptr, layout) }
+    }
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.size() >= self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            minimal_slow(layout.size());
+        }
+        // SAFETY: the caller's request, unchanged.
+        unsafe { Jemalloc.alloc_zeroed(layout) }
+    }
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        if new >= self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            minimal_slow(new);
+        }
+        // SAFETY: the caller's request, unchanged.
+        unsafe { Jemalloc.realloc(ptr, layout, new) }
+    }
+}
+
+#[cfg(feature = "bench-minimal-wrapper")]
+#[global_allocator]
+static GLOBAL: Minimal = Minimal(std::sync::atomic::AtomicUsize::new(usize::MAX));
 
 #[cfg(feature = "bench-bare-jemalloc")]
 #[global_allocator]
 static GLOBAL: Jemalloc = Jemalloc;
 
-/// A guard instance for the direct-call variants (the threshold state is process-wide).
-static GUARD: GuardedAlloc<Jemalloc> = GuardedAlloc::new(Jemalloc);
+/// The global allocator as a `GlobalAlloc` value, so `run_workload` calls go through
+/// `__rust_alloc` like every `Box` and `Vec` does.
+struct Global;
+
+// SAFETY: forwards every call unchanged to the global allocator.
+unsafe impl std::alloc::GlobalAlloc for Global {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's request, unchanged.
+        unsafe { std::alloc::alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's request, unchanged.
+        unsafe { std::alloc::dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: the caller's request, unchanged.
+        unsafe { std::alloc::realloc(ptr, layout, new) }
+    }
+}
+
+/// Allocator-heavy: short-lived small vectors, strings and boxes, and a map that grows.
+#[inline(never)]
+fn churn_workload(iterations: u32) -> u64 {
+    let mut map: HashMap<u64, Vec<u8>, BuildHasherDefault<DefaultHasher>> = HashMap::default();
+    let mut checksum = 0u64;
+    for i in 0..iterations {
+        let v: Vec<u64> = (0..(i % 16) as u64).collect();
+        let s = String::from("freezetrap") + if i % 2 == 0 { "-even" } else { "-odd" };
+        let b = Box::new([i as u8; 32]);
+        checksum = checksum.wrapping_add(v.len() as u64 + s.len() as u64 + b[3] as u64);
+        map.insert(u64::from(i % 50_000), vec![i as u8; 24]);
+    }
+    checksum.wrapping_add(map.len() as u64)
+}
 
 /// A request loop: parse a line into fields, build a key and a response, keep a bounded cache.
 #[inline(never)]
@@ -59,27 +144,36 @@ fn service_workload(requests: u32) -> u64 {
 }
 
 fn main() {
-    let variant = std::env::args().nth(1).unwrap_or_else(|| "service".into());
-    let ops: u32 = std::env::args()
-        .nth(2)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000);
+    let mut args = std::env::args().skip(1);
+    let workload = args.next().unwrap_or_else(|| "service".into());
+    let ops: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     let _ft = freezetrap::init_from_env();
-    let sum = match variant.as_str() {
+    // The reference's word must be writable as the guard's is, or the compiler folds it away.
+    #[cfg(feature = "bench-minimal-wrapper")]
+    if let Some(v) = std::env::var_os("FREEZETRAP_ALLOC_THRESHOLD") {
+        let t = v
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(usize::MAX);
+        GLOBAL.0.store(t, std::sync::atomic::Ordering::Relaxed);
+    }
+    let run = move || match workload.as_str() {
         "service" => service_workload(ops),
-        "bare" => workload::run_workload(&Jemalloc, ops, 42),
-        "guard-off" => {
-            freezetrap::alloc_guard::set_threshold(None);
-            workload::run_workload(&GUARD, ops, 42)
-        }
-        "guard-threshold" => {
-            freezetrap::alloc_guard::set_threshold(Some(64 << 20));
-            workload::run_workload(&GUARD, ops, 42)
-        }
+        "churn" => churn_workload(ops),
+        "calls" => workload::run_workload(&Global, ops, 42),
         other => {
-            eprintln!("freezetrap: unknown variant {other:?}: expected service, bare, guard-off or guard-threshold");
+            eprintln!(
+                "alloc_workload: unknown workload {other:?}: expected service, churn or calls"
+            );
             std::process::exit(2);
         }
     };
-    println!("{variant}: {ops} ops, checksum {sum:x}");
+    let sum = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(run.clone())).collect();
+        handles
+            .into_iter()
+            .fold(0u64, |a, h| a.wrapping_add(h.join().unwrap()))
+    });
+    println!("{ops} ops on {threads} thread(s), checksum {sum:x}");
 }

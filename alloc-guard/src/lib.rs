@@ -58,6 +58,7 @@ mod event;
 mod events;
 pub mod growth;
 mod inflight;
+mod limit_word;
 mod record;
 mod report;
 mod ring;
@@ -71,6 +72,7 @@ pub mod unwind;
 mod writer;
 
 use core::alloc::{GlobalAlloc, Layout};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use record::Request;
 use std::sync::Arc;
 
@@ -99,20 +101,54 @@ pub mod internal {
 /// Every request passes to `inner`. Requests of at least the threshold take a cold slow path that
 /// records them; smaller ones cost one relaxed load and one compare, with no thread-local access
 /// and no shared write.
+///
+/// The compared word is a field of this value, so in a `#[global_allocator]` static (defined in
+/// your crate) the load is direct, not through another crate's symbol. The slow path registers
+/// a static's word on first use and every threshold change updates it; an instance that is not
+/// a static of the executable is never written to and sends every request through the slow path
+/// (correct, only slower). Keep the allocator in a plain `static`, as `#[global_allocator]` needs
+/// anyway.
 #[derive(Debug)]
 pub struct GuardedAlloc<A> {
+    /// Requests of at least this many bytes take the slow path: 0 until the slow path registered
+    /// this instance ([`limit_word`]), then the threshold in force (`usize::MAX`: off).
+    limit: AtomicUsize,
+    /// Whether `limit` is registered ([`limit_word::adopt`]).
+    registration: AtomicU8,
     inner: A,
 }
 
 impl<A> GuardedAlloc<A> {
     /// Wraps `inner`. `const`, so it can initialise a `#[global_allocator]` static.
     pub const fn new(inner: A) -> Self {
-        GuardedAlloc { inner }
+        GuardedAlloc {
+            limit: AtomicUsize::new(0),
+            registration: AtomicU8::new(limit_word::UNKNOWN),
+            inner,
+        }
     }
 
     /// The wrapped allocator.
     pub const fn inner(&self) -> &A {
         &self.inner
+    }
+
+    /// The limit this instance's fast path compares against: 0 while it is not registered (every
+    /// request then takes the slow path), else the threshold in force (`usize::MAX`: off). For
+    /// tests and benchmarks.
+    #[doc(hidden)]
+    pub fn fast_path_limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+}
+
+impl<A: GlobalAlloc> GuardedAlloc<A> {
+    /// The slow path, with this instance's limit word (registered there on first use).
+    /// (`record::slow_path` is cold and out of line: what callers inline is the compare.)
+    #[inline(always)]
+    unsafe fn slow(&self, req: Request) -> *mut u8 {
+        // SAFETY: the caller's request, forwarded unchanged.
+        unsafe { record::slow_path(&self.inner, req, &self.limit, &self.registration) }
     }
 }
 
@@ -127,40 +163,39 @@ impl<A> GuardedAlloc<A> {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < threshold::fast_path_threshold() {
+        // Relaxed: a stale limit only sends one request down the wrong path; the slow path
+        // re-checks against the threshold in force.
+        if layout.size() < self.limit.load(Ordering::Relaxed) {
             // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
             return unsafe { self.inner.alloc(layout) };
         }
         // SAFETY: the request is the caller's, forwarded unchanged.
-        unsafe { record::slow_path(&self.inner, Request::Alloc(layout)) }
+        unsafe { self.slow(Request::Alloc(layout)) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < threshold::fast_path_threshold() {
+        if layout.size() < self.limit.load(Ordering::Relaxed) {
             // SAFETY: forwarded unchanged.
             return unsafe { self.inner.alloc_zeroed(layout) };
         }
         // SAFETY: the request is the caller's, forwarded unchanged.
-        unsafe { record::slow_path(&self.inner, Request::AllocZeroed(layout)) }
+        unsafe { self.slow(Request::AllocZeroed(layout)) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size < threshold::fast_path_threshold() {
+        if new_size < self.limit.load(Ordering::Relaxed) {
             // SAFETY: forwarded unchanged; `ptr` was allocated by `inner` via this wrapper.
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
         // SAFETY: the request is the caller's, forwarded unchanged.
         unsafe {
-            record::slow_path(
-                &self.inner,
-                Request::Realloc {
-                    ptr,
-                    layout,
-                    new_size,
-                },
-            )
+            self.slow(Request::Realloc {
+                ptr,
+                layout,
+                new_size,
+            })
         }
     }
 

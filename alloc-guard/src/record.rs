@@ -20,6 +20,7 @@ use crate::threshold;
 use crate::unwind;
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::Cell;
+use core::sync::atomic::{AtomicU8, AtomicUsize};
 
 thread_local! {
     /// Set while this thread is inside the recording slow path, or for the whole life of an
@@ -115,12 +116,18 @@ impl Request {
 /// `req` must satisfy `inner`'s `GlobalAlloc` contract (the caller's request, unchanged).
 #[cold]
 #[inline(never)]
-pub(crate) unsafe fn slow_path<A: GlobalAlloc>(inner: &A, req: Request) -> *mut u8 {
+pub(crate) unsafe fn slow_path<A: GlobalAlloc>(
+    inner: &A,
+    req: Request,
+    limit: &AtomicUsize,
+    registration: &AtomicU8,
+) -> *mut u8 {
     let (kind, size, old_size) = req.kind_and_sizes();
     // SAFETY (for every `req.forward(inner)` below): the request is the caller's, unchanged.
     let call = || unsafe { req.forward(inner) };
     threshold::note_served();
     threshold::ensure_init();
+    crate::limit_word::adopt(limit, registration, threshold::fast_path_threshold);
     let record_global = size >= threshold::base();
     let record_scope = scope::wants(size);
     if !record_global && !record_scope {

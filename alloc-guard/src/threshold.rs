@@ -1,7 +1,8 @@
 //! The recorder's settings, owned here and nowhere else: the threshold the fast path compares
 //! against, what it is made of, and the backtrace depth.
 //!
-//! [`THRESHOLD`] is the one word the fast path reads. It starts at 0, so the very first
+//! [`THRESHOLD`] is the fast path's word (copied into each `GuardedAlloc` static, where the fast
+//! path reads it: [`crate::limit_word`]). It starts at 0, so the very first
 //! allocation takes the slow path and initialises everything from the environment
 //! ([`ensure_init`]: libc `getenv`, byte parsing, a stack-formatted message — no allocation).
 //! After that it holds `min(base threshold, smallest active assert scope limit)`, `usize::MAX`
@@ -40,12 +41,20 @@ static SCOPES: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
 /// backtrace each one pays for (about 1 µs with frame pointers) becomes the program's cost.
 pub(crate) const SMALL_THRESHOLD: usize = 64 << 10;
 
-/// The threshold the fast path compares against.
-#[inline(always)]
+/// The threshold the fast path compares against (its copy in each registered `GuardedAlloc`
+/// static: [`crate::limit_word`]).
+#[inline]
 pub(crate) fn fast_path_threshold() -> usize {
-    // Relaxed: a stale value only means one allocation takes the wrong path; the slow path
-    // re-checks against the base threshold and the thread's scopes, so nothing is mis-recorded.
-    THRESHOLD.load(Ordering::Relaxed)
+    // SeqCst: pairs with the registration in `limit_word::adopt`. A stale value only means
+    // one allocation takes the wrong path; the slow path re-checks against the base threshold
+    // and the thread's scopes, so nothing is mis-recorded.
+    THRESHOLD.load(Ordering::SeqCst)
+}
+
+/// Stores the fast path's threshold here and in every registered `GuardedAlloc` static.
+fn set_fast_path_threshold(t: usize) {
+    THRESHOLD.store(t, Ordering::SeqCst);
+    crate::limit_word::publish(t);
 }
 
 /// The base threshold (`usize::MAX` = off), what the slow path records globally.
@@ -100,7 +109,7 @@ pub(crate) fn remove_scope_limit(limit: usize) {
 fn publish(scopes: &BTreeMap<usize, usize>) {
     let min = scopes.keys().next().copied().unwrap_or(usize::MAX);
     SCOPE_MIN.store(min, Ordering::Relaxed);
-    THRESHOLD.store(base().min(min), Ordering::Relaxed);
+    set_fast_path_threshold(base().min(min));
 }
 
 /// True when start-up already printed the malformed-threshold line.
@@ -156,7 +165,7 @@ pub(crate) fn ensure_init() {
         }
     }
     // No scope can be active yet (scopes wait for READY), so SCOPE_MIN is still "none".
-    THRESHOLD.store(base(), Ordering::Relaxed);
+    set_fast_path_threshold(base());
     INIT.store(READY, Ordering::Release);
 }
 
