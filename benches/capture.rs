@@ -4,9 +4,13 @@
 //! 1. Time from invocation to recording: the triggered helper (`freezetrap-capture --pid ...`,
 //!    until it prints "recording") and the armed recorder (`arm`, until "armed on pid").
 //! 2. The armed recorder's overhead on a context-switch-heavy workload: two threads bouncing a
-//!    byte through a socket pair (every hop blocks, so every hop is two context switches), in
-//!    alternating 3 s phases without and with the recorder attached to this process, three
-//!    rounds in one run; the ratio of the round-trip rates, and bpftrace's own CPU use.
+//!    byte through a socket pair, both pinned to CPU 0 (so the in-kernel cost is not hidden by
+//!    the second core; the recorder runs on the other), in alternating 3 s phases without and
+//!    with the recorder attached to this process, five rounds in one run: medians and spread of
+//!    the round-trip rates, the cost per context switch as (1/on - 1/off)/2 (a round trip is two
+//!    switches of the target), the throughput ratio, the recorder's CPU (its bpftrace) and its
+//!    resident memory (RSS and PSS of the recorder and its bpftrace; BPF maps are kernel memory,
+//!    not counted there).
 //! 3. Output sizes of a 10 s capture of this process (the workload running), triggered and armed
 //!    (5 s before + 5 s after a `stall_begin` this process fires).
 //!
@@ -23,6 +27,44 @@ use std::time::{Duration, Instant};
 static GLOBAL: freezetrap::GuardedAlloc<tikv_jemallocator::Jemalloc> =
     freezetrap::GuardedAlloc::new(tikv_jemallocator::Jemalloc);
 
+/// Pins the calling thread to CPU 0.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity(0 = this
+    // thread) only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// (RSS, PSS) in KiB of `pid` and its children (the recorder and its bpftrace).
+fn resident_kib(pid: u32) -> (u64, u64) {
+    let one = |p: &str| -> (u64, u64) {
+        let text = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("Rss:"), field("Pss:"))
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid.to_string())
+        .chain(children.split_whitespace().map(str::to_string))
+        .map(|p| one(&p))
+        .fold((0, 0), |(r, p), (r2, p2)| (r + r2, p + p2))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Two threads bouncing one byte through a socket pair until `stop`; counts round trips.
 fn ping_pong(stop: Arc<AtomicBool>, trips: Arc<AtomicU64>) -> Vec<std::thread::JoinHandle<()>> {
     let (mut a_write, mut a_read) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -31,6 +73,7 @@ fn ping_pong(stop: Arc<AtomicBool>, trips: Arc<AtomicU64>) -> Vec<std::thread::J
     let ponger = std::thread::Builder::new()
         .name("pong".into())
         .spawn(move || {
+            pin_to_cpu0();
             let mut byte = [0u8];
             while a_read.read_exact(&mut byte).is_ok() {
                 if b_write.write_all(&byte).is_err() || stop2.load(Ordering::Relaxed) {
@@ -42,6 +85,7 @@ fn ping_pong(stop: Arc<AtomicBool>, trips: Arc<AtomicU64>) -> Vec<std::thread::J
     let pinger = std::thread::Builder::new()
         .name("ping".into())
         .spawn(move || {
+            pin_to_cpu0();
             let mut byte = [1u8];
             while !stop.load(Ordering::Relaxed) {
                 a_write.write_all(&byte).unwrap();
@@ -183,6 +227,9 @@ fn main() {
     let me = std::process::id().to_string();
     let out = std::env::temp_dir().join(format!("freezetrap-capture-bench-{me}"));
     let _ = std::fs::remove_dir_all(&out);
+    // Root's and private: the helper refuses an output directory anyone else could change.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let outs = out.to_str().unwrap().to_string();
 
     // 1. Time to recording.
@@ -214,9 +261,9 @@ fn main() {
     let threads = ping_pong(halt.clone(), trips.clone());
     std::thread::sleep(Duration::from_secs(1));
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    let mut cpu = Vec::new();
-    for _ in 0..3 {
-        without.push(rate(&trips, 3));
+    let (mut cpu, mut mem) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        without.push(rate(&trips, 3).0);
         let (rec, _, _) = spawn_until(
             helper(&["arm", "--pid", &me, "--out", &outs]),
             "armed on pid",
@@ -225,26 +272,36 @@ fn main() {
         // (~0.1 s of CPU), which is not the steady state.
         std::thread::sleep(Duration::from_millis(1500));
         let c0 = bpftrace_cpu_s(rec.id());
-        with.push(rate(&trips, 3));
+        with.push(rate(&trips, 3).0);
         cpu.push((bpftrace_cpu_s(rec.id()) - c0) / 3.0);
+        mem.push(resident_kib(rec.id()));
         stop(rec);
     }
-    let mean =
-        |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("{lo:.0}-{hi:.0}")
+    };
+    let (off, on) = (median(&without), median(&with));
     println!(
-        "ping-pong round trips/s without the recorder {:?}, with it {:?}",
-        without.iter().map(|r| r.0 as u64).collect::<Vec<_>>(),
-        with.iter().map(|r| r.0 as u64).collect::<Vec<_>>()
+        "ping-pong on CPU 0, round trips/s: recorder off median {off:.0} (spread {}), on median {on:.0} (spread {})",
+        spread(&without),
+        spread(&with)
     );
-    let (rate_without, rate_with) = (mean(&without, |r| r.0), mean(&with, |r| r.0));
-    let per_trip = mean(&without, |r| r.1) / rate_without;
     println!(
-        "armed recorder overhead: throughput ratio with/without = {:.3} ({:.1}% slower); {:.1} context switches per round trip, so about {:.2} µs added per switch; bpftrace used {:.1}% of one core",
-        rate_with / rate_without,
-        100.0 * (1.0 - rate_with / rate_without),
-        per_trip,
-        (1e6 / rate_with - 1e6 / rate_without) / per_trip,
-        100.0 * cpu.iter().sum::<f64>() / cpu.len() as f64
+        "armed recorder overhead: {:.2} µs per context switch of the target ((1/on - 1/off)/2; goal <= 0.2), throughput ratio {:.3}; its bpftrace used {:.1}% of one core (median); resident: {}",
+        (1e6 / on - 1e6 / off) / 2.0,
+        on / off,
+        100.0 * median(&cpu),
+        mem.iter()
+            .max_by_key(|(rss, _)| *rss)
+            .map(|(r, p)| format!(
+                "RSS {:.1} MiB, PSS {:.1} MiB at most (recorder and its bpftrace; goal < 32 MiB)",
+                *r as f64 / 1024.0,
+                *p as f64 / 1024.0
+            ))
+            .unwrap_or_default()
     );
 
     // 3. Output sizes of a 10 s capture, triggered and armed, with the workload running.

@@ -80,7 +80,7 @@ pub use config::EnvSettings;
 pub use event::AllocKind;
 pub use events::on_large_alloc;
 pub use record::{stats, RecorderStats};
-pub use report::{LargeAlloc, Reporter, ReporterConfig, ReporterStats, IDLE_POLL_MAX};
+pub use report::{LargeAlloc, Reporter, ReporterConfig, ReporterStats};
 pub use scope::assert_no_large_allocs;
 pub use writer::{ReportSink, ReportWriter};
 

@@ -2,7 +2,8 @@
 //! the report, off the allocating threads.
 //!
 //! It runs on its own thread, marked internal (its allocations are never recorded), polls the
-//! ring every [`ReporterConfig::poll_interval`], symbolizes with a cache, and counts every event
+//! ring every [`ReporterConfig::poll_interval`] while events arrive and otherwise sleeps until
+//! the next push wakes it ([`crate::ring::Ring::wait_for_push`]), symbolizes with a cache, and counts every event
 //! it could not report (overwritten before it got to it) in [`ReporterStats::lost`], also writing
 //! a `{"event":"dropped",...}` line so that nothing is lost silently.
 
@@ -112,9 +113,9 @@ pub struct ReporterConfig {
     pub writer: Arc<ReportWriter>,
     /// Print one human line per event on stderr (`FREEZETRAP_QUIET=1` turns it off).
     pub human_lines: bool,
-    /// How often the ring is polled while events arrive. Default 50 ms. With nothing to
-    /// report the interval doubles, up to [`IDLE_POLL_MAX`]: in an idle service each wake-up
-    /// is most of this thread's cost (~50 µs of CPU in a VM).
+    /// How often the ring is polled while events arrive (a burst is reported in batches).
+    /// Default 50 ms. With nothing to report the thread sleeps until the next oversized
+    /// allocation wakes it: no timer in an idle service.
     pub poll_interval: Duration,
 }
 
@@ -128,9 +129,6 @@ impl ReporterConfig {
         }
     }
 }
-
-/// The longest the report thread sleeps between polls when there is nothing to report.
-pub const IDLE_POLL_MAX: Duration = Duration::from_millis(500);
 
 /// What the reporter did so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -191,8 +189,9 @@ impl Reporter {
         let target = RING.recorded();
         let deadline = Instant::now() + timeout;
         if let Some(t) = &self.thread {
-            t.thread().unpark(); // it may be in an idle sleep
+            t.thread().unpark(); // it may be between polls
         }
+        RING.wake_consumer(); // or waiting for a push
         while self.shared.position.load(Ordering::Acquire) < target {
             if Instant::now() >= deadline {
                 return false;
@@ -208,6 +207,7 @@ impl Drop for Reporter {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
+            RING.wake_consumer();
             let _ = t.join();
         }
     }
@@ -219,7 +219,6 @@ fn run(cfg: ReporterConfig, sh: Arc<Shared>) {
     let mut growth = crate::growth::GrowthTracker::new();
     let mut cursor = Cursor::new(&RING, true);
     let mut lost_announced = 0;
-    let mut interval = cfg.poll_interval;
     loop {
         let stopping = sh.stop.load(Ordering::Acquire);
         let before = cursor.position();
@@ -262,11 +261,14 @@ fn run(cfg: ReporterConfig, sh: Arc<Shared>) {
         if stopping {
             break;
         }
-        interval = if cursor.position() > before {
-            cfg.poll_interval
+        if cursor.position() > before || RING.recorded() > cursor.position() {
+            // Events are arriving (or one is still being written): poll again after a while,
+            // so a burst is reported in batches.
+            std::thread::park_timeout(cfg.poll_interval);
         } else {
-            (interval * 2).clamp(cfg.poll_interval, IDLE_POLL_MAX.max(cfg.poll_interval))
-        };
-        std::thread::park_timeout(interval);
+            // Nothing to report: sleep until the next push wakes this thread (or a flush or
+            // the drop does). No timer: an idle service pays nothing here.
+            RING.wait_for_push(cursor.position());
+        }
     }
 }

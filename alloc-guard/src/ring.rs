@@ -24,7 +24,7 @@
 //! logged + dropped equals the number of oversized allocations exactly.
 use crate::event::{decode, RawEvent};
 use crate::slot::{Slot, SlotRead};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Slots in the ring: the most recent `CAPACITY` events stay readable.
 pub const CAPACITY: usize = 1024;
@@ -38,7 +38,13 @@ pub struct Ring {
     slots: [Slot; CAPACITY],
     /// Tombstones: `SKIPPED[i] = seq + 1` when the writer of `seq` gave up (0 = none).
     skipped: [AtomicU64; CAPACITY],
+    /// The reporter's sleep state, a futex word: [`IDLE`] while it waits for the next push
+    /// ([`Ring::wait_for_push`]), which the pushing thread then wakes.
+    consumer: AtomicU32,
 }
+
+const AWAKE: u32 = 0;
+const IDLE: u32 = 1;
 
 /// What a reader found at a sequence number.
 // The event is returned by value on purpose: boxing it would allocate, and readers copy events
@@ -68,6 +74,39 @@ impl Ring {
             collisions: AtomicU64::new(0),
             slots: [const { Slot::new() }; CAPACITY],
             skipped: [const { AtomicU64::new(0) }; CAPACITY],
+            consumer: AtomicU32::new(AWAKE),
+        }
+    }
+
+    /// Sleeps until an event after `position` is pushed, or [`Ring::wake_consumer`] is called:
+    /// the reporter's wait when it has nothing to report, so an idle service pays no timer.
+    /// Returns at once if such an event was pushed already.
+    pub fn wait_for_push(&self, position: u64) {
+        self.consumer.store(IDLE, Ordering::Relaxed);
+        // SeqCst fence, paired with the one in `wake_idle_consumer`: either this load of `head`
+        // sees the pushed event, or the pusher's load of `consumer` sees IDLE and wakes us.
+        fence(Ordering::SeqCst);
+        if self.recorded() <= position {
+            base::raw::sleep_until_or_woken(&self.consumer, IDLE, u64::MAX);
+        }
+        self.consumer.store(AWAKE, Ordering::Relaxed);
+    }
+
+    /// Wakes the reporter from [`Ring::wait_for_push`] (a flush, a shutdown).
+    pub fn wake_consumer(&self) {
+        self.consumer.store(AWAKE, Ordering::SeqCst);
+        base::raw::wake_all(&self.consumer);
+    }
+
+    /// End of a push: wakes the reporter if it sleeps waiting for one. A fence and a load on
+    /// every push; the system call only when the reporter was idle.
+    fn wake_idle_consumer(&self) {
+        fence(Ordering::SeqCst);
+        // Relaxed: the fence above orders the load; the swap makes only one pusher wake it.
+        if self.consumer.load(Ordering::Relaxed) == IDLE
+            && self.consumer.swap(AWAKE, Ordering::Relaxed) == IDLE
+        {
+            base::raw::wake_all(&self.consumer);
         }
     }
 
@@ -99,6 +138,7 @@ impl Ring {
                 // Release: for symmetry with the stamps; readers Acquire-load tombstones.
                 self.skipped[idx].fetch_max(seq + 1, Ordering::Release);
                 self.collisions.fetch_add(1, Ordering::Relaxed);
+                self.wake_idle_consumer(); // a loss to count
                 return seq;
             }
             match slot.claim(cur, mine_odd) {
@@ -109,6 +149,7 @@ impl Ring {
         let mut e = *ev;
         e.seq = seq;
         slot.write(&e.encode(), mine_odd + 1);
+        self.wake_idle_consumer();
         seq
     }
 
@@ -178,6 +219,30 @@ mod tests {
     use super::*;
     use crate::cursor::Cursor;
     use crate::event::AllocKind;
+
+    #[test]
+    fn a_consumer_waiting_for_a_push_is_woken_by_it_and_by_wake_consumer() {
+        static R: Ring = Ring::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            R.wait_for_push(0);
+            tx.send(R.recorded()).unwrap();
+            R.wait_for_push(1);
+            tx.send(u64::MAX).unwrap();
+        });
+        // Whether the waiter is asleep yet or not, the push must end its wait.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        R.push(&ev(1, 1));
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(got, Ok(1), "the push woke the waiting consumer");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        R.wake_consumer();
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(got, Ok(u64::MAX), "wake_consumer ended the second wait");
+        waiter.join().unwrap();
+        // Already pushed: no wait at all.
+        R.wait_for_push(0);
+    }
 
     fn ev(size: u64, ts: u64) -> RawEvent {
         let mut e = RawEvent::EMPTY;

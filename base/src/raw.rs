@@ -86,9 +86,10 @@ pub fn syscall6(
     }
 }
 
-/// Sleeps until `deadline_ns` on `CLOCK_MONOTONIC` (absolute), or until [`wake_all`] is called
-/// on `word` after it stopped holding `expected`: the watchdog's sleep, which its owner's drop
-/// must be able to cut short (a process exiting would otherwise wait for the next tick).
+/// Sleeps until `deadline_ns` on `CLOCK_MONOTONIC` (absolute; `u64::MAX`: no deadline), or until
+/// [`wake_all`] is called on `word` after it stopped holding `expected`: the watchdog's sleep,
+/// which its owner's drop must be able to cut short (a process exiting would otherwise wait for
+/// the next tick), and the reporter's wait for the next event.
 ///
 /// A private futex wait with an absolute deadline (`FUTEX_WAIT_BITSET` measures it on
 /// `CLOCK_MONOTONIC`); the kernel only reads `word`. A raw syscall on purpose: glibc's sleeping
@@ -100,12 +101,18 @@ pub fn sleep_until_or_woken(word: &core::sync::atomic::AtomicU32, expected: u32,
         tv_sec: (deadline_ns / 1_000_000_000) as _,
         tv_nsec: (deadline_ns % 1_000_000_000) as _,
     };
+    // `u64::MAX`: no deadline (a null timeout), only a wake ends the wait.
+    let timeout = if deadline_ns == u64::MAX {
+        0
+    } else {
+        &ts as *const libc::timespec as usize
+    };
     syscall6(
         libc::SYS_futex,
         word.as_ptr() as usize,
         (libc::FUTEX_WAIT_BITSET | libc::FUTEX_PRIVATE_FLAG) as usize,
         expected as usize,
-        &ts as *const libc::timespec as usize,
+        timeout,
         0,
         libc::FUTEX_BITSET_MATCH_ANY as u32 as usize,
     );
