@@ -31,6 +31,9 @@ pub(crate) fn deliver(a: &LargeAlloc) {
         let site = crate::symbolize::first_user_frame(&a.frames)
             .map(|f| f.to_string())
             .unwrap_or_default();
+        // In a span of its own, as stalls are (see the watchdog): span-based pipelines export it.
+        let span = tracing::info_span!(target: "freezetrap::large_alloc", "freezetrap.large_alloc");
+        let _in_span = span.enter();
         tracing::info!(
             target: "freezetrap::large_alloc",
             seq = a.seq,

@@ -35,6 +35,10 @@ pub(crate) fn deliver(r: &StallReport) {
             Scope::Thread => "thread",
         };
         let top = r.suspects.first();
+        // Inside a span of its own: pipelines built on spans (tracing-opentelemetry, which
+        // drops events outside any span) export the stall as a span with this event in it.
+        let span = tracing::warn_span!(target: "freezetrap::stall", "freezetrap.stall");
+        let _in_span = span.enter();
         tracing::warn!(
             target: "freezetrap::stall",
             id = r.id,
