@@ -133,6 +133,18 @@ impl<A> GuardedAlloc<A> {
         &self.inner
     }
 
+    /// The word the fast path compares against: this instance's own (Linux, where statics are
+    /// registered), or the process-wide threshold (elsewhere).
+    #[inline(always)]
+    fn fast_limit(&self) -> usize {
+        // Relaxed: a stale limit only sends one request down the wrong path; the slow path
+        // re-checks against the threshold in force.
+        #[cfg(ft_linux)]
+        return self.limit.load(Ordering::Relaxed);
+        #[cfg(not(ft_linux))]
+        return threshold::fast_path_threshold();
+    }
+
     /// The limit this instance's fast path compares against: 0 while it is not registered (every
     /// request then takes the slow path), else the threshold in force (`usize::MAX`: off). For
     /// tests and benchmarks.
@@ -163,9 +175,7 @@ impl<A: GlobalAlloc> GuardedAlloc<A> {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // Relaxed: a stale limit only sends one request down the wrong path; the slow path
-        // re-checks against the threshold in force.
-        if layout.size() < self.limit.load(Ordering::Relaxed) {
+        if layout.size() < self.fast_limit() {
             // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
             return unsafe { self.inner.alloc(layout) };
         }
@@ -175,7 +185,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < self.limit.load(Ordering::Relaxed) {
+        if layout.size() < self.fast_limit() {
             // SAFETY: forwarded unchanged.
             return unsafe { self.inner.alloc_zeroed(layout) };
         }
@@ -185,7 +195,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size < self.limit.load(Ordering::Relaxed) {
+        if new_size < self.fast_limit() {
             // SAFETY: forwarded unchanged; `ptr` was allocated by `inner` via this wrapper.
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }

@@ -99,6 +99,7 @@ pub(crate) fn publish(threshold: usize) {
 /// True when `[addr, addr + len)` lies inside a writable `PT_LOAD` segment of the main
 /// executable (its `.data` and `.bss`: statics). Reads the program headers through the
 /// auxiliary vector (`getauxval` reads a table libc filled at start: no lock, no allocation).
+#[cfg(ft_linux)]
 fn in_executable_data(addr: usize, len: usize) -> bool {
     // SAFETY: getauxval has no preconditions; it returns 0 for absent entries.
     let (phdr, phnum) = unsafe {
@@ -131,7 +132,14 @@ fn in_executable_data(addr: usize, len: usize) -> bool {
     })
 }
 
-#[cfg(test)]
+/// Elsewhere the executable's segments are not looked up: nothing is registered, and the fast
+/// path compares against the process-wide threshold instead (see `GuardedAlloc::fast_limit`).
+#[cfg(not(ft_linux))]
+fn in_executable_data(_addr: usize, _len: usize) -> bool {
+    false
+}
+
+#[cfg(all(test, ft_linux))]
 mod tests {
     use super::*;
 

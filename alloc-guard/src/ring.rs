@@ -87,7 +87,11 @@ impl Ring {
         // sees the pushed event, or the pusher's load of `consumer` sees IDLE and wakes us.
         fence(Ordering::SeqCst);
         if self.recorded() <= position {
+            #[cfg(ft_linux)]
             base::raw::sleep_until_or_woken(&self.consumer, IDLE, u64::MAX);
+            // Elsewhere: a timed park (the reporter's flush and drop unpark it).
+            #[cfg(not(ft_linux))]
+            std::thread::park_timeout(std::time::Duration::from_millis(50));
         }
         self.consumer.store(AWAKE, Ordering::Relaxed);
     }
@@ -95,6 +99,7 @@ impl Ring {
     /// Wakes the reporter from [`Ring::wait_for_push`] (a flush, a shutdown).
     pub fn wake_consumer(&self) {
         self.consumer.store(AWAKE, Ordering::SeqCst);
+        #[cfg(ft_linux)]
         base::raw::wake_all(&self.consumer);
     }
 
@@ -106,6 +111,7 @@ impl Ring {
         if self.consumer.load(Ordering::Relaxed) == IDLE
             && self.consumer.swap(AWAKE, Ordering::Relaxed) == IDLE
         {
+            #[cfg(ft_linux)]
             base::raw::wake_all(&self.consumer);
         }
     }

@@ -25,7 +25,8 @@ pub fn on_stall(f: impl Fn(&StallReport) + Send + Sync + 'static) {
     HOOKS.add(f);
 }
 
-/// Hands `r` to every consumer. Stall report thread only.
+/// Hands `r` to every consumer. Stall report thread only (which exists on Linux only).
+#[cfg_attr(not(ft_linux), allow(dead_code))]
 pub(crate) fn deliver(r: &StallReport) {
     #[cfg(feature = "tracing")]
     {

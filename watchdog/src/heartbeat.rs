@@ -118,7 +118,9 @@ impl Heartbeat {
             .last_ns
             .store(base::clock::monotonic_ns(), Ordering::Relaxed);
         if self.slot.state.load(Ordering::Relaxed) == IDLE {
-            self.slot.state.store(ACTIVE, Ordering::Relaxed);
+            // Release: the watchdog's Acquire load of ACTIVE then sees the stamp above, never
+            // one from before the idle period (which would read as a long stall).
+            self.slot.state.store(ACTIVE, Ordering::Release);
         }
     }
 
