@@ -12,32 +12,36 @@ use std::time::Duration;
 static GLOBAL: freezetrap::GuardedAlloc<tikv_jemallocator::Jemalloc> =
     freezetrap::GuardedAlloc::new(tikv_jemallocator::Jemalloc);
 
-/// Two workers: one task blocks its worker for 600 ms with `std::thread::sleep` (after saying its
-/// thread id), other tasks keep the other worker busy with short polls, `spawn_blocking` sleeps
-/// 600 ms on the blocking pool, and both workers park in between.
+/// `workers` workers: one task blocks its worker for 600 ms with `std::thread::sleep` (after
+/// saying its thread id), `workers / 2` tasks keep other workers busy with short polls,
+/// `spawn_blocking` sleeps 600 ms on the blocking pool, and the workers park in between.
 #[cfg(tokio_unstable)]
-fn per_worker_service() {
+fn per_worker_service(workers: usize) {
     let ft = freezetrap::init_from_env();
     let rt = freezetrap::watchdog::tokio::worker_heartbeats(
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(workers)
             .enable_time(),
         "rt",
     )
     .build()
     .unwrap();
-    rt.block_on(async {
+    rt.block_on(async move {
         // Parked workers for a while: no stall.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let busy = tokio::spawn(async {
-            let t0 = std::time::Instant::now();
-            let mut polls = 0u64;
-            while t0.elapsed() < Duration::from_millis(1500) {
-                tokio::task::yield_now().await; // thousands of short polls
-                polls += 1;
-            }
-            polls
-        });
+        let busy: Vec<_> = (0..workers / 2)
+            .map(|_| {
+                tokio::spawn(async {
+                    let t0 = std::time::Instant::now();
+                    let mut polls = 0u64;
+                    while t0.elapsed() < Duration::from_millis(1500) {
+                        tokio::task::yield_now().await; // thousands of short polls
+                        polls += 1;
+                    }
+                    polls
+                })
+            })
+            .collect();
         let blocking_pool = tokio::task::spawn_blocking(|| {
             std::thread::sleep(Duration::from_millis(600)); // long on purpose, off the workers
         });
@@ -50,7 +54,10 @@ fn per_worker_service() {
         });
         blocker.await.unwrap();
         blocking_pool.await.unwrap();
-        let polls = busy.await.unwrap();
+        let mut polls = u64::MAX;
+        for b in busy {
+            polls = polls.min(b.await.unwrap());
+        }
         println!("BUSY_POLLS {polls}");
         tokio::time::sleep(Duration::from_millis(400)).await;
     });
@@ -62,8 +69,8 @@ fn per_worker_service() {
 fn child_service() {
     let Some(role) = common::role() else { return };
     #[cfg(tokio_unstable)]
-    if role == "per-worker" {
-        per_worker_service();
+    if let Some(n) = role.strip_prefix("per-worker-") {
+        per_worker_service(n.parse().unwrap());
         return;
     }
     let ft = freezetrap::init_from_env();
@@ -119,14 +126,11 @@ fn a_blocked_runtime_is_reported_and_a_yielding_one_is_not() {
 }
 
 #[cfg(tokio_unstable)]
-#[test]
-fn one_blocked_worker_of_a_multi_thread_runtime_is_a_stall_of_that_worker() {
-    if common::role().is_some() {
-        return;
-    }
-    let dir = common::TempDir::new("per-worker");
+fn per_worker_run(workers: usize) {
+    let role = format!("per-worker-{workers}");
+    let dir = common::TempDir::new(&role);
     let report = dir.path().join("r.jsonl");
-    let mut cmd = common::child("child_service", "per-worker");
+    let mut cmd = common::child("child_service", &role);
     cmd.env("FREEZETRAP_STALL", "200ms")
         .env("FREEZETRAP_REPORT", &report);
     let out = common::run_with_timeout(&mut cmd, Duration::from_secs(60));
@@ -143,13 +147,13 @@ fn one_blocked_worker_of_a_multi_thread_runtime_is_a_stall_of_that_worker() {
     let blocked = value("BLOCKED_TID ");
     assert!(
         value("BUSY_POLLS ") > 1000,
-        "the busy worker polled many short tasks"
+        "the busy workers polled many short tasks"
     );
     let s = common::stalls(&report);
     assert_eq!(
         s.len(),
         1,
-        "exactly one stall, the blocked worker's (busy, parked and blocking-pool threads none):\n{s:#?}\n{stderr}"
+        "{workers} workers: exactly one stall, the blocked worker's (busy, parked and blocking-pool threads none):\n{s:#?}\n{stderr}"
     );
     assert_eq!(s[0]["scope"], "thread");
     assert_eq!(
@@ -166,4 +170,14 @@ fn one_blocked_worker_of_a_multi_thread_runtime_is_a_stall_of_that_worker() {
     );
     let d = s[0]["duration_ns"].as_u64().unwrap();
     assert!((500_000_000..1_200_000_000).contains(&d), "{d}");
+}
+
+#[cfg(tokio_unstable)]
+#[test]
+fn one_blocked_worker_of_a_multi_thread_runtime_is_a_stall_of_that_worker() {
+    if common::role().is_some() {
+        return;
+    }
+    per_worker_run(2);
+    per_worker_run(4);
 }

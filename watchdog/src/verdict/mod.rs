@@ -210,14 +210,25 @@ fn decide_thread(e: &Evidence) -> Verdict {
     }
     // Memory pressure: tasks stalled on memory (PSI) for a good part of the window, or the
     // kernel counted direct reclaim or compaction stalls.
+    // A thread that spent most of the window neither running nor waiting for a CPU was waiting
+    // on something: with the cgroup's tasks stalled on memory for an eighth of the window or
+    // more, memory is the likeliest (seen: a writer in a 96 MiB cgroup, state R at detection
+    // after sleeping 72% of the window, PSI memory at 15-33% of it from run to run).
     let psi_ms = e.process.psi_memory_us.map(|m| m.saturating_mul(1000));
     let stalls = e.process.reclaim_stalls.unwrap_or(0);
-    if psi_ms.is_some_and(|m| m >= w / 4)
-        && (stalls > 0 || d.cpu_ns + d.run_delay_ns < w / 2 || d.stime_ns >= w / 4)
-    {
+    let waiting = d.cpu_ns + d.run_delay_ns < w / 2;
+    let strong =
+        psi_ms.is_some_and(|m| m >= w / 4) && (stalls > 0 || waiting || d.stime_ns >= w / 4);
+    // (Not a thread asleep in S at detection: a sleep is not a memory wait.)
+    let weak = psi_ms.is_some_and(|m| m >= w / 8) && waiting && st.state != 'S';
+    if strong || weak {
         let mut v = Verdict::new(
             Cause::Reclaim,
-            Confidence::Medium,
+            if strong {
+                Confidence::Medium
+            } else {
+                Confidence::Low
+            },
             format!(
                 "{who} stalled {dur} under memory pressure: tasks waited on memory (reclaim) for {} of the {} window{}; the process or its cgroup is short of memory",
                 HumanNanos(psi_ms.unwrap_or(0)),

@@ -308,3 +308,49 @@ fn on_cpu_says_whether_it_rehashed_a_fresh_allocation_or_sat_in_system_calls() {
         v.text
     );
 }
+
+#[test]
+fn a_writer_that_mostly_waited_while_its_cgroup_reclaimed_is_reclaim_but_a_sleeper_is_not() {
+    // Recorded in a 96 MiB memory cgroup: state R at detection, on CPU 28% of the window, PSI
+    // memory at 15% of it (under the quarter the stronger rule wants).
+    let mut writer = thread(7, "writer", 'R', "", &[]);
+    writer.delta = Some(Counters {
+        cpu_ns: 84 * MS,
+        stime_ns: 78 * MS,
+        ..Counters::default()
+    });
+    let mut e = stall(writer, vec![]);
+    e.process.psi_memory_us = Some(45_000);
+    let v = decide(&e);
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::Reclaim, Confidence::Low),
+        "{}",
+        v.text
+    );
+    assert!(v.text.contains("under memory pressure"), "{}", v.text);
+
+    // The same pressure around a thread asleep in nanosleep says nothing about that thread.
+    let mut e = stall(
+        thread(
+            8,
+            "sleeper",
+            'S',
+            "hrtimer_nanosleep",
+            &["hrtimer_nanosleep"],
+        ),
+        vec![],
+    );
+    e.process.psi_memory_us = Some(45_000);
+    assert_eq!(decide(&e).cause, Cause::Unknown);
+
+    // Under an eighth of the window: not enough to name memory.
+    let mut quiet = thread(9, "writer", 'R', "", &[]);
+    quiet.delta = Some(Counters {
+        cpu_ns: 84 * MS,
+        ..Counters::default()
+    });
+    let mut e = stall(quiet, vec![]);
+    e.process.psi_memory_us = Some(30_000);
+    assert_ne!(decide(&e).cause, Cause::Reclaim);
+}
