@@ -10,6 +10,10 @@
 //! cargo bench --bench start_exit [-- RUNS]
 //! ```
 //!
+//! `FT_BENCH_SHORT_LIVED=1 FT_BENCH_VERBOSE=1 <bench binary>` (with the `FREEZETRAP_*` variables
+//! of your choice) runs the short-lived program once and prints how long `init_from_env` and the
+//! drop took in it.
+//!
 //! The target (issue #12): the difference within 1 ms. Before the watchdog slept on a futex its
 //! drop waited for the next tick: ~25-100 ms per run at `FREEZETRAP_STALL=200ms`.
 
