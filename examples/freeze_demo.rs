@@ -334,10 +334,30 @@ pub fn run(fixed: bool) -> std::process::ExitCode {
     // Give the watchdog a tick to notice the last stall ended and print its report.
     std::thread::sleep(std::time::Duration::from_millis(400));
     eprintln!("demo: indexed {n} documents in {:.1} s; now snapshotting the index (fork with ~1 GiB resident)", started.elapsed().as_secs_f64());
-    for round in 0..3 {
+    // Three snapshots; with eBPF, more (up to eight) until a capture started in this phase has
+    // been recording during a fork. A capture starts when a stall is seen, during a fork, and
+    // bpftrace needs a fraction of a second to attach, so it is the *next* fork it records; and
+    // a capture still busy with the indexing stalls can make the phase's first forks skip theirs.
+    let captures = || {
+        std::fs::read_dir(&out)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("helper.log").exists())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let before_phase = captures();
+    let mut recorded_a_fork = false;
+    for round in 0..8 {
+        let capture_running_before = captures() > before_phase;
         let ms = snapshot();
         eprintln!("demo: snapshot {round}: fork took {ms:.1} ms");
+        recorded_a_fork |= capture_running_before;
         std::thread::sleep(std::time::Duration::from_millis(1500));
+        if round >= 2 && (!ebpf || recorded_a_fork) {
+            break;
+        }
     }
     // Stop the workers before freeing the index and the cache: unmapping GiBs holds mmap_lock
     // for write too, and the workers' mmaps would stall on it — a real freeze, but not this
