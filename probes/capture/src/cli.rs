@@ -125,6 +125,21 @@ pub struct ArmArgs {
     /// The bpftrace to run (default: the first on PATH).
     #[arg(long)]
     pub bpftrace: Option<PathBuf>,
+    /// What records: `compiled` (the embedded CO-RE program; needs the kernel's BTF),
+    /// `bpftrace` (`armed.bt`), or `auto`: compiled, and bpftrace when it cannot load.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    pub engine: Engine,
+}
+
+/// The armed recorder's engine (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// The compiled program, and bpftrace if it cannot be loaded (said in one line).
+    Auto,
+    /// Only the compiled program.
+    Compiled,
+    /// Only bpftrace with `armed.bt`.
+    Bpftrace,
 }
 
 /// A duration as freezetrap's variables write it (`250ms`, `10s`), or a bare number of seconds.

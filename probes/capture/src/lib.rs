@@ -16,6 +16,7 @@
 pub mod armed;
 mod bpftrace;
 pub mod cli;
+mod compiled;
 pub mod conclude;
 pub mod frame_pointers;
 pub mod maps;

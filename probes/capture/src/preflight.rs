@@ -23,7 +23,7 @@ pub const EXIT_BPFTRACE_FAILED: u8 = 8;
 pub const EXIT_NO_PROBE: u8 = 9;
 
 /// A failed check: the exit code and the one-line message.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Refusal {
     /// One of the `EXIT_*` codes.
     pub code: u8,

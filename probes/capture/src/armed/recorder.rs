@@ -1,9 +1,11 @@
-//! The recorder itself: finding the target, running `armed.bt` on it, feeding the rolling
-//! window from bpftrace's output, and writing a capture when a stall comes due.
+//! The recorder itself: finding the target, recording it (the compiled program, or `armed.bt`
+//! under bpftrace), feeding the rolling window, and writing a capture when a stall comes due.
 
-use super::lines::{parse_line, Event, StallSeen};
+use super::lines::{Event, StallSeen};
+use super::source::{Line, Source};
 use super::window::{Ready, Window};
 use super::{disk, ns, program, Args, BUCKET_MS, MAX_ENTRIES};
+use crate::cli::Engine;
 use crate::preflight::{self, Refusal};
 use crate::symbols::TargetSymbols;
 use std::os::unix::fs::MetadataExt;
@@ -22,7 +24,10 @@ pub(crate) enum Outcome {
 
 pub(crate) struct Recorder<'a> {
     pub(crate) args: &'a Args,
-    pub(crate) bpftrace: PathBuf,
+    /// bpftrace, or why it cannot be used (said only if it is needed).
+    pub(crate) bpftrace: Result<PathBuf, Refusal>,
+    /// Whether to try the compiled program (false after it failed to load under `auto`).
+    pub(crate) compiled: bool,
     pub(crate) deadline: Option<Instant>,
     pub(crate) captures: u64,
     pub(crate) skipped: u64,
@@ -52,12 +57,6 @@ impl Session {
         }
         self.symbols.as_ref()
     }
-}
-
-/// The `armed.bt` output, line by line, from a reader thread.
-enum Line {
-    Event(Event),
-    Eof,
 }
 
 impl Recorder<'_> {
@@ -97,6 +96,7 @@ impl Recorder<'_> {
     }
 
     fn spawn_bpftrace(&self, pid: u32, exe: &Path, program: &str) -> Result<Child, Refusal> {
+        let bpftrace = self.bpftrace.as_ref().map_err(Clone::clone)?;
         // Maps are printed (and user stacks symbolized) four times a second: the symbol
         // cache that bpftrace_command turns on is what keeps that cheap (uncached, one print of
         // 100 stacks took 3.5 s on the demo binary, and blocked while the target's mmap_lock
@@ -112,7 +112,7 @@ impl Recorder<'_> {
                 .args()
                 .map(Into::into),
         );
-        crate::bpftrace_command(&self.bpftrace, program, args)
+        crate::bpftrace_command(bpftrace, program, args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -120,9 +120,40 @@ impl Recorder<'_> {
             .map_err(|e| {
                 Refusal::new(
                     preflight::EXIT_NO_BPFTRACE,
-                    format!("cannot run {}: {e}", self.bpftrace.display()),
+                    format!("cannot run {}: {e}", bpftrace.display()),
                 )
             })
+    }
+
+    /// The compiled program when it is wanted and loads; otherwise bpftrace (under `auto`, the
+    /// reason is said once, and later sessions go straight to bpftrace).
+    fn start_source(
+        &mut self,
+        pid: u32,
+        exe: &Path,
+        program: &str,
+        tx: mpsc::Sender<Line>,
+    ) -> Result<Source, Refusal> {
+        if self.compiled {
+            match Source::compiled(
+                pid,
+                exe.to_path_buf(),
+                self.args.min_block_us,
+                BUCKET_MS,
+                tx.clone(),
+            ) {
+                Ok(source) => return Ok(source),
+                Err(why) if self.args.engine == Engine::Compiled => {
+                    return Err(Refusal::new(preflight::EXIT_BPFTRACE_FAILED, why))
+                }
+                Err(why) => {
+                    eprintln!("freezetrap-capture: {why}; recording with bpftrace instead");
+                    self.compiled = false;
+                }
+            }
+        }
+        let child = self.spawn_bpftrace(pid, exe, program)?;
+        Ok(Source::bpftrace(child, tx))
     }
 
     /// Records `pid` until it exits, the recorder is told to stop, or bpftrace fails.
@@ -172,16 +203,8 @@ impl Recorder<'_> {
                 eprintln!("{line}");
             }
         }
-        let mut child = self.spawn_bpftrace(pid, &exe, &program)?;
         let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped");
-        let reader = std::thread::spawn(move || {
-            crate::for_each_line(stdout, |line| {
-                tx.send(Line::Event(parse_line(&line))).is_ok()
-            });
-            let _ = tx.send(Line::Eof);
-        });
-        let errors = crate::collect_stderr(child.stderr.take().expect("piped"));
+        let mut source = self.start_source(pid, &exe, &program, tx)?;
 
         let mut last_line = Instant::now();
         let outcome = loop {
@@ -191,27 +214,26 @@ impl Recorder<'_> {
                     self.handle(state, e, &exe, started);
                 }
                 Ok(Line::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = child.wait();
-                    let text = errors.join().unwrap_or_default();
-                    let why = crate::first_error(&text).unwrap_or("it exited");
-                    break Err(Refusal::new(
+                    let why = source.failure();
+                    let why = source.errors().unwrap_or(why);
+                    return Err(Refusal::new(
                         preflight::EXIT_BPFTRACE_FAILED,
-                        format!("bpftrace stopped recording pid {pid}: {why}"),
+                        format!("recording pid {pid} stopped: {why}"),
                     ));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if last_line.elapsed() > self.args.silence_limit {
-                        // bpftrace prints a tick four times a second once attached. Silence this
-                        // long is a hang (a freeze of the target delays prints only by its
+                        // The source sends a tick four times a second once attached. Silence
+                        // this long is a hang (a freeze of the target delays prints only by its
                         // length, and the buckets keep their own times, so a late print loses
                         // nothing).
-                        crate::stop_bpftrace(&mut child, Duration::from_secs(2));
+                        source.kill();
                         break Err(Refusal::new(
                             preflight::EXIT_BPFTRACE_FAILED,
                             format!(
-                                "bpftrace {} for {} s; stopped it",
+                                "the recorder {} for {} s; stopped it",
                                 if state.armed {
-                                    "printed nothing"
+                                    "sent nothing"
                                 } else {
                                     "did not attach"
                                 },
@@ -228,14 +250,18 @@ impl Recorder<'_> {
                 eprintln!("freezetrap-capture: pid {pid} exited");
                 break Ok(Outcome::TargetExited);
             }
-            if started.elapsed() >= self.args.rearm_every && !state.window.has_pending() {
+            // Only bpftrace's stack maps fill; the compiled program needs no re-arming.
+            if source.is_bpftrace()
+                && started.elapsed() >= self.args.rearm_every
+                && !state.window.has_pending()
+            {
                 break Ok(Outcome::Rearm);
             }
         };
         if outcome.is_ok() {
-            // The last buckets before the end are still in bpftrace's maps: SIGINT makes it print
-            // them all, and everything it prints until it exits (5 s at most) still counts.
-            crate::interrupt(&mut child);
+            // The last buckets before the end are still in the kernel's maps: the source hands
+            // them all on, and everything it sends until it ends (5 s at most) still counts.
+            source.finish();
             let until = Instant::now() + Duration::from_secs(5);
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 match rx.recv_timeout(left) {
@@ -248,9 +274,8 @@ impl Recorder<'_> {
         for ready in state.window.flush() {
             self.write(state, ready);
         }
-        crate::stop_bpftrace(&mut child, Duration::from_secs(2));
         drop(rx);
-        let _ = reader.join();
+        source.stop();
         let (late, dropped) = (state.window.late_entries, state.window.dropped_entries);
         if !matches!(outcome, Ok(Outcome::Rearm)) && late + dropped + state.lost > 0 {
             eprintln!(
@@ -393,7 +418,7 @@ fn reachable_exe(pid: u32, exe: PathBuf) -> PathBuf {
     }
 }
 
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
