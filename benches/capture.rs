@@ -6,11 +6,12 @@
 //! 2. The armed recorder's overhead on a context-switch-heavy workload: two threads bouncing a
 //!    byte through a socket pair, both pinned to CPU 0 (so the in-kernel cost is not hidden by
 //!    the second core; the recorder runs on the other), in alternating 3 s phases without and
-//!    with the recorder attached to this process, five rounds in one run: medians and spread of
-//!    the round-trip rates, the cost per context switch as (1/on - 1/off)/2 (a round trip is two
-//!    switches of the target), the throughput ratio, the recorder's CPU (its bpftrace) and its
-//!    resident memory (RSS and PSS of the recorder and its bpftrace; BPF maps are kernel memory,
-//!    not counted there).
+//!    with the recorder attached to this process, five rounds in one run, for each engine
+//!    (`--engine compiled`, then `--engine bpftrace`): medians and spread of the round-trip
+//!    rates, the cost per context switch as (1/on - 1/off)/2 (a round trip is two switches of
+//!    the target), the throughput ratio, the recorder's CPU (itself and its bpftrace, if any)
+//!    and its resident memory (RSS and PSS of the recorder and its children; BPF maps are
+//!    kernel memory, not counted there).
 //! 3. Output sizes of a 10 s capture of this process (the workload running), triggered and armed
 //!    (5 s before + 5 s after a `stall_begin` this process fires).
 //!
@@ -152,13 +153,13 @@ fn stop(mut child: Child) -> String {
     out
 }
 
-/// CPU seconds used so far by `pid`'s children that are bpftrace (the recorder's bpftrace).
-fn bpftrace_cpu_s(recorder: u32) -> f64 {
+/// CPU seconds used so far by the recorder and its children (its bpftrace, if any).
+fn recorder_cpu_s(recorder: u32) -> f64 {
     let children = std::fs::read_to_string(format!("/proc/{recorder}/task/{recorder}/children"))
         .unwrap_or_default();
     let tick = 100.0; // USER_HZ
-    children
-        .split_whitespace()
+    std::iter::once(recorder.to_string())
+        .chain(children.split_whitespace().map(str::to_string))
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .filter_map(|s| {
             let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
@@ -244,65 +245,27 @@ fn main() {
             t.as_secs_f64()
         );
         stop(c);
-        let (c, t, _) = spawn_until(
-            helper(&["arm", "--pid", &me, "--out", &dir]),
-            "armed on pid",
-        );
-        println!(
-            "armed recorder:   invocation to armed     {:.3} s",
-            t.as_secs_f64()
-        );
-        stop(c);
+        for engine in ENGINES {
+            let (c, t, _) = spawn_until(
+                helper(&["arm", "--pid", &me, "--out", &dir, "--engine", engine]),
+                "armed on pid",
+            );
+            println!(
+                "armed recorder ({engine}): invocation to armed {:.3} s",
+                t.as_secs_f64()
+            );
+            stop(c);
+        }
     }
 
-    // 2. Overhead, alternating phases in one run.
+    // 2. Overhead, alternating phases in one run, for each engine.
     let halt = Arc::new(AtomicBool::new(false));
     let trips = Arc::new(AtomicU64::new(0));
     let threads = ping_pong(halt.clone(), trips.clone());
     std::thread::sleep(Duration::from_secs(1));
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    let (mut cpu, mut mem) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        without.push(rate(&trips, 3).0);
-        let (rec, _, _) = spawn_until(
-            helper(&["arm", "--pid", &me, "--out", &outs]),
-            "armed on pid",
-        );
-        // Past the first prints: the first symbolization loads this binary's symbols once
-        // (~0.1 s of CPU), which is not the steady state.
-        std::thread::sleep(Duration::from_millis(1500));
-        let c0 = bpftrace_cpu_s(rec.id());
-        with.push(rate(&trips, 3).0);
-        cpu.push((bpftrace_cpu_s(rec.id()) - c0) / 3.0);
-        mem.push(resident_kib(rec.id()));
-        stop(rec);
+    for engine in ENGINES {
+        overhead(engine, &me, &outs, &trips);
     }
-    let spread = |v: &[f64]| {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-        format!("{lo:.0}-{hi:.0}")
-    };
-    let (off, on) = (median(&without), median(&with));
-    println!(
-        "ping-pong on CPU 0, round trips/s: recorder off median {off:.0} (spread {}), on median {on:.0} (spread {})",
-        spread(&without),
-        spread(&with)
-    );
-    println!(
-        "armed recorder overhead: {:.2} µs per context switch of the target ((1/on - 1/off)/2; goal <= 0.2), throughput ratio {:.3}; its bpftrace used {:.1}% of one core (median); resident: {}",
-        (1e6 / on - 1e6 / off) / 2.0,
-        on / off,
-        100.0 * median(&cpu),
-        mem.iter()
-            .max_by_key(|(rss, _)| *rss)
-            .map(|(r, p)| format!(
-                "RSS {:.1} MiB, PSS {:.1} MiB at most (recorder and its bpftrace; goal < 32 MiB)",
-                *r as f64 / 1024.0,
-                *p as f64 / 1024.0
-            ))
-            .unwrap_or_default()
-    );
 
     // 3. Output sizes of a 10 s capture, triggered and armed, with the workload running.
     let dir = format!("{outs}/ten");
@@ -326,6 +289,8 @@ fn main() {
             &armed_dir,
             "--max-captures",
             "1",
+            "--engine",
+            "compiled",
         ]),
         "armed on pid",
     );
@@ -342,6 +307,57 @@ fn main() {
         let _ = t.join();
     }
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The armed recorder's engines, compared.
+const ENGINES: [&str; 2] = ["compiled", "bpftrace"];
+
+/// Five alternations of 3 s without and 3 s with the recorder (`engine`) attached to this
+/// process; prints the medians, spreads, cost per switch, ratio, the recorder's CPU and memory.
+fn overhead(engine: &str, me: &str, outs: &str, trips: &AtomicU64) {
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let (mut cpu, mut mem) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        without.push(rate(trips, 3).0);
+        let (rec, _, _) = spawn_until(
+            helper(&["arm", "--pid", me, "--out", outs, "--engine", engine]),
+            "armed on pid",
+        );
+        // Past the first prints: the first symbolization loads this binary's symbols once
+        // (~0.1 s of CPU), which is not the steady state.
+        std::thread::sleep(Duration::from_millis(1500));
+        let c0 = recorder_cpu_s(rec.id());
+        with.push(rate(trips, 3).0);
+        cpu.push((recorder_cpu_s(rec.id()) - c0) / 3.0);
+        mem.push(resident_kib(rec.id()));
+        stop(rec);
+    }
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("{lo:.0}-{hi:.0}")
+    };
+    let (off, on) = (median(&without), median(&with));
+    println!(
+        "{engine}: ping-pong on CPU 0, round trips/s: recorder off median {off:.0} (spread {}), on median {on:.0} (spread {})",
+        spread(&without),
+        spread(&with)
+    );
+    println!(
+        "{engine}: armed recorder overhead: {:.3} µs per context switch of the target ((1/on - 1/off)/2; goal <= 0.2), throughput ratio {:.3}; the recorder used {:.2}% of one core (median; goal <= 1%); resident: {}",
+        (1e6 / on - 1e6 / off) / 2.0,
+        on / off,
+        100.0 * median(&cpu),
+        mem.iter()
+            .max_by_key(|(rss, _)| *rss)
+            .map(|(r, p)| format!(
+                "RSS {:.1} MiB, PSS {:.1} MiB at most (the recorder and its children; goal < 32 MiB)",
+                *r as f64 / 1024.0,
+                *p as f64 / 1024.0
+            ))
+            .unwrap_or_default()
+    );
 }
 
 fn probes_run(args: Vec<String>) -> std::process::ExitCode {

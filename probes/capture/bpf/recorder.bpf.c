@@ -7,7 +7,7 @@
  * Why compiled: the bpftrace program this replaces walked the kernel and user stacks of every
  * thread of the target at every switch out (3.6-3.9 us per context switch, pinned). Here a switch
  * out only stores a timestamp; the stacks are walked when the thread runs again and only if it
- * was away for at least `min_block_ns`: when its schedule() returns, on the thread itself, so
+ * was away for at least `min_block_ns`: at the end of __schedule() on the thread itself, where
  * its kernel stack is still the path it slept on and its user stack is where it entered.
  *
  * CO-RE: the few kernel structures read here are declared below with only the fields used and
@@ -239,7 +239,7 @@ static __always_inline void add_bucket(void *map, __u32 tid, __u64 now, __u64 us
 /*
  * A switch: the thread going out stores when, and whether it still wanted the CPU (preempted);
  * a preempted thread coming back in adds its wait to `runq`. A thread that blocked is handled
- * when its schedule() returns (below), on the thread itself.
+ * when it runs again, on itself (below).
  */
 SEC("tp_btf/sched_switch")
 int on_switch(__u64 *ctx)
@@ -257,29 +257,35 @@ int on_switch(__u64 *ctx)
 		if (bpf_map_update_elem(&starts, &tid, &s, BPF_ANY))
 			count(1);
 	}
-	if (next->tgid == target_tgid) {
-		__u32 tid = next->pid;
-		struct start *s = bpf_map_lookup_elem(&starts, &tid);
-		if (s && s->preempted) {
-			if (!now)
-				now = bpf_ktime_get_ns();
-			__u64 waited = (now - s->ts) / 1000;
-			bpf_map_delete_elem(&starts, &tid);
-			add_bucket(&runq, tid, now, waited, 1, next);
-		}
-	}
+	if (next->tgid != target_tgid)
+		return 0;
+	__u32 tid = next->pid;
+	struct start *s = bpf_map_lookup_elem(&starts, &tid);
+	if (!s || !s->preempted)
+		return 0;
+	if (!now)
+		now = bpf_ktime_get_ns();
+	__u64 waited = (now - s->ts) / 1000;
+	bpf_map_delete_elem(&starts, &tid);
+	add_bucket(&runq, tid, now, waited, 1, next);
 	return 0;
 }
 
 /*
- * schedule() returned: the thread runs again after blocking. Only a block of at least
- * min_block_ns has its stacks walked: the kernel stack from here is the path that called
- * schedule() (where it slept), and the user stack is where it entered the kernel.
- * (fexit on schedule() rather than a kprobe on finish_task_switch: kernels built without
- * kprobes, like this project's CI machine, still have BPF trampolines.)
+ * The end of __schedule(), on the thread that now runs: after a block, its kernel stack is still
+ * the path it slept on (__schedule <- schedule <- rwsem_down_write_slowpath <- ...) and its user
+ * registers are those it entered the kernel with. Only a block of at least min_block_ns has its
+ * stacks walked.
+ *
+ * Why this tracepoint (sched_exit_tp, a bare tracepoint of recent kernels, only reachable as
+ * tp_btf) and not a kprobe on finish_task_switch or fexit on schedule(): kernels built without
+ * kprobes, or that refuse BPF trampolines (this project's CI machine does both), still have
+ * tracepoints. And not bpf_get_task_stack() on the next thread at sched_switch: it leaves out
+ * every __sched function (rwsem_down_write_slowpath, do_nanosleep, io_schedule), the very
+ * frames that say what a thread waited for.
  */
-SEC("fexit/schedule")
-int on_schedule_return(__u64 *ctx)
+SEC("tp_btf/sched_exit_tp")
+int on_schedule_exit(__u64 *ctx)
 {
 	if (!in_target())
 		return 0;

@@ -32,7 +32,13 @@ struct Object {
     file: File,
     /// `(file offset, virtual address, file size)` of each loadable segment.
     segments: Vec<(u64, u64, u64)>,
+    /// The GNU build id, to find a separate debug file.
+    build_id: Option<Vec<u8>>,
     loader: OnceLock<Option<addr2line::Loader>>,
+    /// Function symbols of `/usr/lib/debug/.build-id/xx/yyyy.debug` (`start`, `end`, name),
+    /// sorted: what a stripped library (Debian's libc) is named from when its debug package is
+    /// installed, as gdb and bpftrace do.
+    debug_symbols: OnceLock<Vec<(u64, u64, String)>>,
 }
 
 impl Object {
@@ -47,12 +53,49 @@ impl Object {
                 (off, s.address(), size)
             })
             .collect();
+        let build_id = parsed.build_id().ok().flatten().map(<[u8]>::to_vec);
         drop(parsed);
         Some(Object {
             file,
             segments,
+            build_id,
             loader: OnceLock::new(),
+            debug_symbols: OnceLock::new(),
         })
+    }
+
+    /// The name of the function at `svma` from the separate debug file, if there is one.
+    fn debug_symbol(&self, svma: u64) -> Option<&str> {
+        let symbols = self.debug_symbols.get_or_init(|| {
+            use object::{Object as _, ObjectSymbol as _};
+            let Some(id) = self.build_id.as_deref().filter(|id| id.len() > 1) else {
+                return Vec::new();
+            };
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            let path = format!("/usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]);
+            let Ok(data) = std::fs::read(path) else {
+                return Vec::new();
+            };
+            let Ok(parsed) = object::File::parse(&*data) else {
+                return Vec::new();
+            };
+            let mut v: Vec<(u64, u64, String)> = parsed
+                .symbols()
+                .filter(|s| s.kind() == object::SymbolKind::Text && s.address() != 0)
+                .filter_map(|s| {
+                    Some((
+                        s.address(),
+                        s.address() + s.size(),
+                        s.name().ok()?.to_string(),
+                    ))
+                })
+                .collect();
+            v.sort();
+            v
+        });
+        let i = symbols.partition_point(|s| s.0 <= svma).checked_sub(1)?;
+        let (start, end, name) = &symbols[i];
+        (svma >= *start && (svma < *end || end == start)).then_some(name.as_str())
     }
 
     /// The file's own (link-time) address of the byte at `file_off`.
@@ -189,7 +232,10 @@ impl TargetSymbols {
             }
         }
         if out.is_empty() {
-            if let Some(sym) = loader.find_symbol(probe) {
+            if let Some(sym) = loader
+                .find_symbol(probe)
+                .or_else(|| obj.debug_symbol(probe))
+            {
                 out.push(UserFrame {
                     function: demangle(sym),
                     file: None,

@@ -49,6 +49,21 @@ fn armed_mode_captures_the_seconds_before_stall_begin() {
     {
         return;
     }
+    armed_capture("compiled");
+}
+
+/// The same with `armed.bt` under bpftrace: the engine for kernels without BTF.
+#[test]
+fn armed_mode_with_bpftrace_captures_the_seconds_before_stall_begin() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !ebpf_or_skip("armed_mode_with_bpftrace_captures_the_seconds_before_stall_begin")
+    {
+        return;
+    }
+    armed_capture("bpftrace");
+}
+
+fn armed_capture(engine: &str) {
     let mut target = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_armed_target", "--nocapture"])
         .args(["--test-threads=1"])
@@ -76,6 +91,8 @@ fn armed_mode_captures_the_seconds_before_stall_begin() {
             "0",
             "--for",
             "60",
+            "--engine",
+            engine,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -396,7 +413,16 @@ fn arm_errors_have_their_message_and_exit_code() {
     assert_eq!(c, 9, "{e}");
     assert!(e.contains("has no freezetrap:stall_begin probe"), "{e}");
     // A "bpftrace" that exits at once: the recorder says so instead of waiting forever.
-    let (c, e) = arm(&["--pid", &me, "--out", tmp, "--bpftrace", "/bin/true"]);
+    let (c, e) = arm(&[
+        "--pid",
+        &me,
+        "--out",
+        tmp,
+        "--engine",
+        "bpftrace",
+        "--bpftrace",
+        "/bin/true",
+    ]);
     assert_eq!(c, 8, "{e}");
     assert!(
         e.starts_with(&format!(
@@ -466,6 +492,8 @@ fn a_hung_bpftrace_is_stopped_and_a_killed_recorder_takes_it_along() {
             out,
             "--silence-limit",
             "2",
+            "--engine",
+            "bpftrace",
             "--bpftrace",
         ])
         .arg(&fake)
@@ -496,7 +524,16 @@ fn a_hung_bpftrace_is_stopped_and_a_killed_recorder_takes_it_along() {
 
     // Killed: SIGKILL gives the recorder no chance to clean up; PR_SET_PDEATHSIG does it.
     let mut rec = Command::new(EXE)
-        .args(["arm", "--pid", &me, "--out", out, "--bpftrace"])
+        .args([
+            "arm",
+            "--pid",
+            &me,
+            "--out",
+            out,
+            "--engine",
+            "bpftrace",
+            "--bpftrace",
+        ])
         .arg(&fake)
         .stderr(Stdio::piped())
         .spawn()
@@ -532,6 +569,8 @@ fn the_recorder_rearms_with_a_fresh_bpftrace() {
             "arm",
             "--pid",
             &me,
+            "--engine",
+            "bpftrace",
             "--rearm-every",
             "2",
             "--for",

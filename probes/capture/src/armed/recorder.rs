@@ -214,11 +214,16 @@ impl Recorder<'_> {
                     self.handle(state, e, &exe, started);
                 }
                 Ok(Line::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let who = if source.is_bpftrace() {
+                        "bpftrace"
+                    } else {
+                        "the compiled recorder"
+                    };
                     let why = source.failure();
                     let why = source.errors().unwrap_or(why);
                     return Err(Refusal::new(
                         preflight::EXIT_BPFTRACE_FAILED,
-                        format!("recording pid {pid} stopped: {why}"),
+                        format!("{who} stopped recording pid {pid}: {why}"),
                     ));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -231,11 +236,16 @@ impl Recorder<'_> {
                         break Err(Refusal::new(
                             preflight::EXIT_BPFTRACE_FAILED,
                             format!(
-                                "the recorder {} for {} s; stopped it",
-                                if state.armed {
-                                    "sent nothing"
+                                "{} {} for {} s; stopped it",
+                                if source.is_bpftrace() {
+                                    "bpftrace"
                                 } else {
-                                    "did not attach"
+                                    "the compiled recorder"
+                                },
+                                match (state.armed, source.is_bpftrace()) {
+                                    (true, true) => "printed nothing",
+                                    (true, false) => "sent nothing",
+                                    (false, _) => "did not attach",
                                 },
                                 self.args.silence_limit.as_secs()
                             ),

@@ -18,7 +18,7 @@ mod usdt;
 use crate::armed::{Event, StallSeen};
 use aya::maps::{Array, HashMap, MapData, RingBuf};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
-use aya::programs::{BtfTracePoint, FExit, PerfEvent, UProbe};
+use aya::programs::{BtfTracePoint, PerfEvent, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use kernel_symbols::KernelSymbols;
 use std::collections::BTreeMap;
@@ -139,6 +139,7 @@ impl Recording {
 
         for (program, tracepoint) in [
             ("on_switch", "sched_switch"),
+            ("on_schedule_exit", "sched_exit_tp"),
             ("on_lock_start", "mmap_lock_start_locking"),
             ("on_lock_acquired", "mmap_lock_acquire_returned"),
             ("on_lock_released", "mmap_lock_released"),
@@ -149,10 +150,6 @@ impl Recording {
                 .map_err(|e| verifier(program, &e))?;
             p.attach().map_err(err(tracepoint))?;
         }
-        let p: &mut FExit = program_mut(&mut ebpf, "on_schedule_return")?;
-        p.load("schedule", &btf)
-            .map_err(|e| verifier("on_schedule_return", &e))?;
-        p.attach().map_err(err("fexit on schedule()"))?;
         let p: &mut PerfEvent = program_mut(&mut ebpf, "on_cpu_sample")?;
         p.load().map_err(|e| verifier("on_cpu_sample", &e))?;
         let cpus = aya::util::online_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;
@@ -331,32 +328,44 @@ impl Recording {
                     let Some(e) = read::<StackEvent>(bytes) else {
                         continue;
                     };
-                    let kstack = kernel_stack(kernel, &e);
-                    let name = match kind {
-                        EVENT_OFF => "@off",
-                        EVENT_ON => "@on",
-                        _ => "@hold",
-                    };
-                    let key = match kind {
-                        EVENT_HOLD => format!("{},{},{kstack}", e.tid, comm(&e.comm)),
-                        _ => format!("{},{},{kstack},{}", e.tid, comm(&e.comm), user_stack(&e)),
-                    };
-                    let entry = pending
-                        .entry(e.ts / *bucket_ns)
-                        .or_default()
-                        .entry(name)
-                        .or_default()
-                        .entry(key)
-                        .or_insert(0);
-                    match kind {
-                        EVENT_OFF => *entry += e.value / 1000,
-                        EVENT_ON => *entry += e.value,
-                        _ => *entry = (*entry).max(e.value / 1000),
-                    }
+                    add_stack_event(pending, kernel, *bucket_ns, &e);
                 }
                 _ => {}
             }
         }
+    }
+}
+
+/// Adds an off-CPU block, on-CPU sample or write hold to its bucket's map.
+fn add_stack_event(
+    pending: &mut BTreeMap<u64, Bucket>,
+    kernel: &KernelSymbols,
+    bucket_ns: u64,
+    e: &StackEvent,
+) {
+    let kstack = kernel_stack(kernel, e);
+    let (name, key) = match e.kind {
+        EVENT_OFF => (
+            "@off",
+            format!("{},{},{kstack},{}", e.tid, comm(&e.comm), user_stack(e)),
+        ),
+        EVENT_ON => (
+            "@on",
+            format!("{},{},{kstack},{}", e.tid, comm(&e.comm), user_stack(e)),
+        ),
+        _ => ("@hold", format!("{},{},{kstack}", e.tid, comm(&e.comm))),
+    };
+    let entry = pending
+        .entry(e.ts / bucket_ns)
+        .or_default()
+        .entry(name)
+        .or_default()
+        .entry(key)
+        .or_insert(0);
+    match e.kind {
+        EVENT_OFF => *entry += e.value / 1000,
+        EVENT_ON => *entry += e.value,
+        _ => *entry = (*entry).max(e.value / 1000),
     }
 }
 
@@ -380,21 +389,26 @@ fn frames(stack: &[u64; FRAMES], bytes: i32) -> &[u64] {
 }
 
 /// A kernel stack as bpftrace's `kstack` prints it: `\n` and one indented `name+off` per frame.
-/// The innermost frames of the program itself and of its trampoline are left out: the stack
-/// starts where the kernel was.
+/// A tracepoint program's own frames are left out (the program, which `/proc/kallsyms` did not
+/// list yet when it was read, and `bpf_trace_run*`, which called it): the stack starts where
+/// the kernel was.
 fn kernel_stack(kernel: &KernelSymbols, e: &StackEvent) -> String {
     let names: Vec<String> = frames(&e.kstack, e.kernel_bytes)
         .iter()
         .map(|&a| kernel.frame(a))
-        .skip_while(|n| n.starts_with("bpf_prog_") || n.starts_with("bpf_trampoline_"))
         .collect();
-    if names.is_empty() {
+    let skip = names
+        .iter()
+        .take(4)
+        .position(|n| n.starts_with("bpf_trace_run"))
+        .map_or(0, |i| i + 1);
+    if names.len() <= skip {
         return String::new();
     }
     let mut s = String::from("\n");
-    for n in names {
+    for n in &names[skip..] {
         s.push_str("    ");
-        s.push_str(&n);
+        s.push_str(n);
         s.push('\n');
     }
     s
