@@ -233,6 +233,19 @@ fn main() {
     std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let outs = out.to_str().unwrap().to_string();
 
+    // FT_BENCH_OVERHEAD_ONLY=compiled (or bpftrace): only part 2, for that engine.
+    let only = std::env::var("FT_BENCH_OVERHEAD_ONLY").ok();
+    if let Some(engine) = only.as_deref() {
+        let halt = Arc::new(AtomicBool::new(false));
+        let trips = Arc::new(AtomicU64::new(0));
+        let _threads = ping_pong(halt.clone(), trips.clone());
+        std::thread::sleep(Duration::from_secs(1));
+        overhead(engine, &me, &outs, &trips);
+        halt.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&out);
+        return;
+    }
+
     // 1. Time to recording.
     for i in 0..3 {
         let dir = format!("{outs}/t{i}");

@@ -115,10 +115,12 @@ pub fn run(a: ArmArgs) -> ExitCode {
     if let Err(r) = preflight::system(pid) {
         return r.exit();
     }
-    // bpftrace is needed only as the engine or the fallback; its absence is said when it is.
+    // bpftrace is needed only as the engine or the fallback; its absence is said when it is
+    // (a --bpftrace that cannot be used is refused at once: it was asked for).
     let bpftrace = match (a.engine, preflight::bpftrace(a.bpftrace.as_deref())) {
         (_, Ok(b)) => Ok(b),
         (Engine::Bpftrace, Err(r)) => return r.exit(),
+        (_, Err(r)) if a.bpftrace.is_some() => return r.exit(),
         (_, Err(r)) => Err(r),
     };
     let out = match preflight::out_dir(&a.out) {

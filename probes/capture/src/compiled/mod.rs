@@ -131,6 +131,9 @@ impl Recording {
         let min_block_ns = s.min_block_us.saturating_mul(1000);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            // `seen` is task storage, which aya creates but has no user-space type for (it is
+            // only used by the programs).
+            .allow_unsupported_maps()
             .override_global("target_tgid", &s.pid, true)
             .override_global("min_block_ns", &min_block_ns, true)
             .override_global("bucket_ns", &bucket_ns, true)
@@ -138,7 +141,6 @@ impl Recording {
             .map_err(|e| format!("loading the compiled recorder failed: {e}"))?;
 
         for (program, tracepoint) in [
-            ("on_switch", "sched_switch"),
             ("on_schedule_exit", "sched_exit_tp"),
             ("on_lock_start", "mmap_lock_start_locking"),
             ("on_lock_acquired", "mmap_lock_acquire_returned"),
