@@ -101,6 +101,10 @@ fn ping_pong(stop: Arc<AtomicBool>, trips: Arc<AtomicU64>) -> Vec<std::thread::J
 
 fn helper(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
+    // This binary's allocator is jemalloc, which keeps freed pages for 10 s: without this, the
+    // recorder's resident memory would include the kernel BTF it parsed once at start and freed
+    // (the freezetrap-capture binary, on the system allocator, does not keep them either).
+    c.env("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0");
     c.arg("--capture-helper").args(args);
     c
 }

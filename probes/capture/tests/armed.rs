@@ -103,6 +103,12 @@ fn armed_capture(engine: &str) {
     let mut rec_seen = String::new();
     let armed = wait_for(&rec_err, "armed on pid", 30, &mut rec_seen);
     eprintln!("{armed}");
+    let with = if engine == "compiled" {
+        "with the compiled program"
+    } else {
+        "with bpftrace"
+    };
+    assert!(armed.contains(with), "{armed}");
     // Two buckets of steady state before the freeze.
     std::thread::sleep(Duration::from_millis(600));
     target.stdin.take().unwrap().write_all(b"go\n").unwrap();

@@ -310,9 +310,14 @@ impl Recorder<'_> {
             Event::Armed => {
                 state.armed = true;
                 eprintln!(
-                    "freezetrap-capture: armed on pid {} ({}) in {:.2} s: keeping {:?} before a stall and {:?} after; captures go to {}",
+                    "freezetrap-capture: armed on pid {} ({}) with {} in {:.2} s: keeping {:?} before a stall and {:?} after; captures go to {}",
                     state.pid,
                     exe.display(),
+                    if self.compiled {
+                        "the compiled program"
+                    } else {
+                        "bpftrace"
+                    },
                     started.elapsed().as_secs_f64(),
                     self.args.window,
                     self.args.after,
