@@ -18,7 +18,7 @@
 use crate::output::write_capture;
 use crate::preflight::{self, Refusal};
 use crate::symbols::TargetSymbols;
-use crate::{human, parse_maps, resymbolize, summarize, CAPTURE_BT};
+use crate::{human, parse_maps, resymbolize, summarize, Taken, CAPTURE_BT};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -76,6 +76,10 @@ struct TriggeredArgs {
     /// The bpftrace to run (default: the first on PATH); checked like everything root runs.
     #[arg(long)]
     bpftrace: Option<PathBuf>,
+    /// What records: `compiled` (the embedded CO-RE program; needs the kernel's BTF),
+    /// `bpftrace` (`capture.bt`), or `auto`: compiled, and bpftrace when it cannot load.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
 }
 
 /// `freezetrap-capture arm`'s arguments.
@@ -283,17 +287,21 @@ fn symbols_in_background(pid: u32) -> std::sync::mpsc::Receiver<TargetSymbols> {
 
 fn run_triggered(a: TriggeredArgs) -> ExitCode {
     let started = Instant::now();
-    let (Some(pid), Some(out)) = (a.pid, a.out) else {
+    let (Some(pid), Some(out)) = (a.pid, a.out.clone()) else {
         return fail(preflight::EXIT_USAGE, "--pid and --out are required");
     };
     let min_block_us = a
         .min_block_us
         .unwrap_or(a.min_block.as_micros().min(u128::from(u64::MAX)) as u64);
-    let bpftrace = match preflight::bpftrace(a.bpftrace.as_deref())
-        .and_then(|b| preflight::system(Some(pid)).map(|_| b))
-    {
-        Ok(b) => b,
-        Err(r) => return r.exit(),
+    if let Err(r) = preflight::system(Some(pid)) {
+        return r.exit();
+    }
+    // bpftrace is needed only as the engine or the fallback (a --bpftrace that cannot be used
+    // is refused at once: it was asked for).
+    let bpftrace = match preflight::bpftrace(a.bpftrace.as_deref()) {
+        Ok(b) => Ok(b),
+        Err(r) if a.engine == Engine::Bpftrace || a.bpftrace.is_some() => return r.exit(),
+        Err(r) => Err(r),
     };
     let dir = match preflight::out_dir(&out) {
         Ok(d) => d,
@@ -302,6 +310,101 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
     crate::install_stop_handlers();
     let watch = TargetWatch::new(pid);
     let symbols = symbols_in_background(pid);
+    let taken = match a.engine {
+        Engine::Bpftrace => None,
+        engine => {
+            match crate::compiled::record_for(pid, min_block_us, a.duration, || watch.exited()) {
+                Ok(t) => Some(t),
+                Err(why) if engine == Engine::Compiled => {
+                    return fail(preflight::EXIT_BPFTRACE_FAILED, why)
+                }
+                Err(why) => {
+                    eprintln!("freezetrap-capture: {why}; recording with bpftrace instead");
+                    None
+                }
+            }
+        }
+    };
+    let taken = match taken {
+        Some(t) => t,
+        None => {
+            let bpftrace = match bpftrace {
+                Ok(b) => b,
+                Err(r) => return r.exit(),
+            };
+            match record_with_bpftrace(&bpftrace, pid, min_block_us, &a, &watch, started) {
+                Ok(t) => t,
+                Err(code) => return code,
+            }
+        }
+    };
+    let Taken {
+        mut maps,
+        recording_since,
+        ended,
+        target_exited,
+        stopped_by_signal,
+    } = taken;
+    // Our own names for the user frames: from files held open while the target was alive.
+    let wait = if target_exited.is_some() { 1 } else { 5 };
+    let syms = symbols.recv_timeout(Duration::from_secs(wait)).ok();
+    if let Some(syms) = &syms {
+        resymbolize(&mut maps, syms);
+    }
+
+    // From bpftrace's "recording" (its probes attached) to its end.
+    let recorded_s = recording_since
+        .map(|t| ended.saturating_duration_since(t))
+        .unwrap_or_else(|| ended.saturating_duration_since(started))
+        .as_secs_f64()
+        .min(a.duration.as_secs_f64());
+    // The recording starts during the stall (the watchdog runs the helper on detection), so
+    // all of it is the stall's window.
+    let stall = crate::StallWindow {
+        tid: a.tid,
+        maps: &maps,
+        us: (recorded_s * 1e6) as u64,
+    };
+    let mut summary = summarize(pid, (recorded_s * 1e6) as u64, &maps, &stall);
+    summary.target_exited_after_s = target_exited;
+    summary.stopped_by_signal = stopped_by_signal;
+    let title = format!("Off-CPU time, pid {pid} ({recorded_s:.1} s)");
+    let recorded = crate::output::Recorded {
+        duration_ns: (recorded_s * 1e9) as u64,
+        symbols: syms.as_ref(),
+    };
+    match write_capture(&dir, &maps, &title, &summary, recorded) {
+        Ok(w) => {
+            if let Some(why) = w.no_graph {
+                eprintln!("freezetrap-capture: no flame graph: {why}");
+            }
+        }
+        Err(e) => {
+            return fail(
+                preflight::EXIT_OUT_NOT_WRITABLE,
+                format!("writing to {} failed: {e}", dir.path().display()),
+            )
+        }
+    }
+    println!(
+        "{} (in {:.1} s; {})",
+        human(&summary),
+        started.elapsed().as_secs_f64(),
+        dir.path().display()
+    );
+    ExitCode::SUCCESS
+}
+
+/// Records with bpftrace and `capture.bt` for `--duration`, or until the target exits or a
+/// signal says stop.
+fn record_with_bpftrace(
+    bpftrace: &std::path::Path,
+    pid: u32,
+    min_block_us: u64,
+    a: &TriggeredArgs,
+    watch: &TargetWatch,
+    started: Instant,
+) -> Result<Taken, ExitCode> {
     let duration_ms = a.duration.as_millis().max(1) as u64;
     let mut args = vec![
         pid.to_string(),
@@ -309,7 +412,7 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
         duration_ms.to_string(),
     ];
     args.extend(preflight::FieldOffsets::from_tracefs_or_default().args());
-    let mut child = match crate::bpftrace_command(&bpftrace, CAPTURE_BT, &args)
+    let mut child = match crate::bpftrace_command(bpftrace, CAPTURE_BT, &args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -317,10 +420,10 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
     {
         Ok(c) => c,
         Err(e) => {
-            return fail(
+            return Err(fail(
                 preflight::EXIT_NO_BPFTRACE,
                 format!("cannot run {}: {e}", bpftrace.display()),
-            )
+            ))
         }
     };
     // Read stdout and stderr on threads; print "recording" as soon as bpftrace says it attached.
@@ -376,10 +479,10 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
     let ended = Instant::now();
     let output = reader.join().unwrap_or_default();
     let stderr = errors.join().unwrap_or_default();
-    let mut maps = parse_maps(&output);
+    let maps = parse_maps(&output);
     if maps.is_empty() {
         let why = crate::first_error(&stderr).unwrap_or("no data").to_string();
-        return fail(
+        return Err(fail(
             preflight::EXIT_BPFTRACE_FAILED,
             format!(
                 "bpftrace produced no data ({}): {why}",
@@ -387,57 +490,15 @@ fn run_triggered(a: TriggeredArgs) -> ExitCode {
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "killed at the deadline".into())
             ),
-        );
+        ));
     }
-    // Our own names for the user frames: from files held open while the target was alive.
-    let wait = if target_exited.is_some() { 1 } else { 5 };
-    let syms = symbols.recv_timeout(Duration::from_secs(wait)).ok();
-    if let Some(syms) = &syms {
-        resymbolize(&mut maps, syms);
-    }
-
-    // From bpftrace's "recording" (its probes attached) to its end.
-    let recorded_s = recording_since
-        .get()
-        .map(|t| ended.saturating_duration_since(*t))
-        .unwrap_or_else(|| ended.saturating_duration_since(started))
-        .as_secs_f64()
-        .min(a.duration.as_secs_f64());
-    // The recording starts during the stall (the watchdog runs the helper on detection), so
-    // all of it is the stall's window.
-    let stall = crate::StallWindow {
-        tid: a.tid,
-        maps: &maps,
-        us: (recorded_s * 1e6) as u64,
-    };
-    let mut summary = summarize(pid, (recorded_s * 1e6) as u64, &maps, &stall);
-    summary.target_exited_after_s = target_exited;
-    summary.stopped_by_signal = stopped_by_signal;
-    let title = format!("Off-CPU time, pid {pid} ({recorded_s:.1} s)");
-    let recorded = crate::output::Recorded {
-        duration_ns: (recorded_s * 1e9) as u64,
-        symbols: syms.as_ref(),
-    };
-    match write_capture(&dir, &maps, &title, &summary, recorded) {
-        Ok(w) => {
-            if let Some(why) = w.no_graph {
-                eprintln!("freezetrap-capture: no flame graph: {why}");
-            }
-        }
-        Err(e) => {
-            return fail(
-                preflight::EXIT_OUT_NOT_WRITABLE,
-                format!("writing to {} failed: {e}", dir.path().display()),
-            )
-        }
-    }
-    println!(
-        "{} (in {:.1} s; {})",
-        human(&summary),
-        started.elapsed().as_secs_f64(),
-        dir.path().display()
-    );
-    ExitCode::SUCCESS
+    Ok(Taken {
+        maps,
+        recording_since: recording_since.get().copied(),
+        ended,
+        target_exited,
+        stopped_by_signal,
+    })
 }
 
 #[cfg(test)]

@@ -38,6 +38,17 @@ pub use summary::{human, summarize, Summary};
 /// The recording program, embedded at build time (also at `probes/bpftrace/capture.bt`).
 pub const CAPTURE_BT: &str = include_str!("../bpftrace/capture.bt");
 
+/// What a triggered recording gathered, by either engine.
+pub(crate) struct Taken {
+    pub(crate) maps: crate::maps::Maps,
+    /// When the probes were attached (None: never said so).
+    pub(crate) recording_since: Option<std::time::Instant>,
+    pub(crate) ended: std::time::Instant,
+    /// Seconds after the start at which the target exited, if it did.
+    pub(crate) target_exited: Option<f64>,
+    pub(crate) stopped_by_signal: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

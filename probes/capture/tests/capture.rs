@@ -32,6 +32,21 @@ fn a_fork_freeze_is_captured_with_its_holder_and_waiters() {
     {
         return;
     }
+    fork_freeze_capture("compiled");
+}
+
+/// The same with `capture.bt` under bpftrace: the engine for kernels without BTF.
+#[test]
+fn a_fork_freeze_is_captured_by_bpftrace_too() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
+        || !ebpf_or_skip("a_fork_freeze_is_captured_by_bpftrace_too")
+    {
+        return;
+    }
+    fork_freeze_capture("bpftrace");
+}
+
+fn fork_freeze_capture(engine: &str) {
     use std::io::BufRead;
     let mut target = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_forker", "--nocapture", "--test-threads=1"])
@@ -44,8 +59,10 @@ fn a_fork_freeze_is_captured_with_its_holder_and_waiters() {
         lines.any(|l| l.map(|l| l.contains("READY")).unwrap_or(false)),
         "target did not start"
     );
-    let out_dir =
-        std::env::temp_dir().join(format!("freezetrap-capture-test-{}", std::process::id()));
+    let out_dir = std::env::temp_dir().join(format!(
+        "freezetrap-capture-test-{}-{engine}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&out_dir);
     let out = Command::new(EXE)
         .args([
@@ -58,7 +75,7 @@ fn a_fork_freeze_is_captured_with_its_holder_and_waiters() {
             "--out",
         ])
         .arg(&out_dir)
-        .args(["--duration", "3"])
+        .args(["--duration", "3", "--engine", engine])
         .output()
         .unwrap();
     let _ = target.kill();
@@ -208,7 +225,8 @@ fn run(args: &[&str]) -> (i32, String) {
     )
 }
 
-/// Runs the helper for a one-second capture of `pid` into `out` with `bpftrace`.
+/// Runs the helper for a one-second capture of `pid` into `out` with `bpftrace` (as the engine:
+/// these are bpftrace's error cases).
 fn capture(pid: &str, out: &str, bpftrace: &str) -> (i32, String) {
     run(&[
         "--pid",
@@ -217,6 +235,8 @@ fn capture(pid: &str, out: &str, bpftrace: &str) -> (i32, String) {
         out,
         "--duration",
         "1",
+        "--engine",
+        "bpftrace",
         "--bpftrace",
         bpftrace,
     ])

@@ -433,7 +433,7 @@ fn reachable_exe(pid: u32, exe: PathBuf) -> PathBuf {
     }
 }
 
-pub(super) fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -65,7 +65,7 @@ impl Source {
         let thread = std::thread::spawn(move || {
             let settings = Settings {
                 pid,
-                exe: &exe,
+                exe: Some(&exe),
                 min_block_us,
                 bucket_ms,
             };
@@ -85,7 +85,7 @@ impl Source {
                 let mut send = |e| {
                     let _ = tx.send(Line::Event(e));
                 };
-                rec.poll(super::recorder::monotonic_ns(), last, &mut send);
+                rec.poll(super::monotonic_ns(), last, &mut send);
                 if last {
                     break;
                 }

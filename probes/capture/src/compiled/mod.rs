@@ -13,7 +13,10 @@
 //! runs `armed.bt` with bpftrace instead.
 
 mod kernel_symbols;
+mod triggered;
 mod usdt;
+
+pub(crate) use triggered::record_for;
 
 use crate::armed::{Event, StallSeen};
 use aya::maps::{Array, HashMap, MapData, RingBuf};
@@ -86,8 +89,9 @@ unsafe impl Pod for BucketValue {}
 /// What to record.
 pub(crate) struct Settings<'a> {
     pub(crate) pid: u32,
-    /// The target's executable, as this process can open it (for the uprobes).
-    pub(crate) exe: &'a Path,
+    /// The target's executable, as this process can open it, for the uprobes on its stall
+    /// probes (the armed recorder); None records without them (the triggered helper).
+    pub(crate) exe: Option<&'a Path>,
     pub(crate) min_block_us: u64,
     pub(crate) bucket_ms: u64,
 }
@@ -123,8 +127,11 @@ impl Recording {
         let btf = Btf::from_sys_fs().map_err(|e| {
             format!("no kernel BTF (/sys/kernel/btf/vmlinux) for the compiled recorder: {e}")
         })?;
-        let sites = crate::stapsdt::sites_in(s.exe)
-            .map_err(|e| format!("cannot read the probes of {}: {e}", s.exe.display()))?;
+        let sites = match s.exe {
+            Some(exe) => crate::stapsdt::sites_in(exe)
+                .map_err(|e| format!("cannot read the probes of {}: {e}", exe.display()))?,
+            None => Vec::new(),
+        };
         let kernel =
             KernelSymbols::load().map_err(|e| format!("cannot read /proc/kallsyms: {e}"))?;
         let bucket_ns = s.bucket_ms.max(1) * 1_000_000;
@@ -171,6 +178,7 @@ impl Recording {
             ("on_stall_begin", "stall_begin"),
             ("on_stall_end", "stall_end"),
         ] {
+            let Some(exe) = s.exe else { break };
             let p: &mut UProbe = program_mut(&mut ebpf, program)?;
             p.load().map_err(|e| verifier(program, &e))?;
             let fd = p.fd().map_err(err(program))?;
@@ -182,17 +190,17 @@ impl Recording {
                     .map_err(|e| format!("freezetrap:{probe} at {:#x}: {e}", site.pc))?;
                 let cookie = site_args.len() as u64;
                 attached.push(
-                    usdt::attach(fd, s.exe, site, s.pid, cookie).map_err(|e| {
+                    usdt::attach(fd, exe, site, s.pid, cookie).map_err(|e| {
                         format!("attaching freezetrap:{probe} at {:#x}: {e}", site.pc)
                     })?,
                 );
                 site_args.push(args);
             }
         }
-        if site_args.is_empty() {
+        if let (Some(exe), true) = (s.exe, site_args.is_empty()) {
             return Err(format!(
                 "{} has no freezetrap:stall_begin probe",
-                s.exe.display()
+                exe.display()
             ));
         }
 
