@@ -110,11 +110,40 @@ pub(crate) struct Recording {
     counters: Array<MapData, u64>,
     /// Each attached site's argument locations, by cookie.
     sites: Vec<Vec<usdt::Arg>>,
-    kernel: KernelSymbols,
+    kernel: Kernel,
     bucket_ns: u64,
     pending: BTreeMap<u64, Bucket>,
     last_tick: Option<u64>,
     lost_seen: u64,
+}
+
+/// The kernel's symbol table, being read or read.
+enum Kernel {
+    Loading(std::thread::JoinHandle<std::io::Result<KernelSymbols>>),
+    Loaded(KernelSymbols),
+}
+
+impl Kernel {
+    /// The table, waiting for it if it is still being read; empty (frames as addresses, said
+    /// once) if it could not be read.
+    fn get(&mut self) -> &KernelSymbols {
+        if let Kernel::Loading(_) = self {
+            let Kernel::Loading(handle) =
+                std::mem::replace(self, Kernel::Loaded(KernelSymbols::empty()))
+            else {
+                unreachable!()
+            };
+            match handle.join() {
+                Ok(Ok(table)) => *self = Kernel::Loaded(table),
+                Ok(Err(e)) => eprintln!("freezetrap-capture: cannot read /proc/kallsyms ({e}): kernel frames are addresses"),
+                Err(_) => eprintln!("freezetrap-capture: reading /proc/kallsyms failed: kernel frames are addresses"),
+            }
+        }
+        match self {
+            Kernel::Loaded(table) => table,
+            Kernel::Loading(_) => unreachable!("joined above"),
+        }
+    }
 }
 
 fn err<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> String + '_ {
@@ -132,8 +161,10 @@ impl Recording {
                 .map_err(|e| format!("cannot read the probes of {}: {e}", exe.display()))?,
             None => Vec::new(),
         };
-        let kernel =
-            KernelSymbols::load().map_err(|e| format!("cannot read /proc/kallsyms: {e}"))?;
+        // The kernel's symbols are needed only to name frames when data comes back: read on a
+        // thread while the program loads (reading /proc/kallsyms takes ~60 ms here, more than
+        // half of the time to recording otherwise).
+        let kernel = Kernel::Loading(std::thread::spawn(KernelSymbols::load));
         let bucket_ns = s.bucket_ms.max(1) * 1_000_000;
         let min_block_ns = s.min_block_us.saturating_mul(1000);
         let mut ebpf = EbpfLoader::new()
@@ -304,6 +335,7 @@ impl Recording {
             pending,
             ..
         } = self;
+        let kernel = kernel.get();
         while let Some(item) = ring.next() {
             let bytes: &[u8] = &item;
             let kind = bytes
