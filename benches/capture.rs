@@ -6,10 +6,11 @@
 //! 2. The armed recorder's overhead on a context-switch-heavy workload: two threads bouncing a
 //!    byte through a socket pair, both pinned to CPU 0 (so the in-kernel cost is not hidden by
 //!    the second core; the recorder runs on the other), in alternating 3 s phases without and
-//!    with the recorder attached to this process, five rounds in one run, for each engine
+//!    with the recorder attached to this process, seven rounds in one run, for each engine
 //!    (`--engine compiled`, then `--engine bpftrace`): medians and spread of the round-trip
 //!    rates, the cost per context switch as (1/on - 1/off)/2 (a round trip is two switches of
-//!    the target), the throughput ratio, the recorder's CPU (itself and its bpftrace, if any)
+//!    the target; the median over rounds, each on phase against the off phase before it), the
+//!    throughput ratio, the recorder's CPU (itself and its bpftrace, if any)
 //!    and its resident memory (RSS and PSS of the recorder and its children; BPF maps are
 //!    kernel memory, not counted there).
 //! 3. Output sizes of a 10 s capture of this process (the workload running), triggered and armed
@@ -329,12 +330,15 @@ fn main() {
 /// The armed recorder's engines, compared.
 const ENGINES: [&str; 2] = ["compiled", "bpftrace"];
 
-/// Five alternations of 3 s without and 3 s with the recorder (`engine`) attached to this
+/// Off/on alternations per engine.
+const ROUNDS: usize = 7;
+
+/// ROUNDS alternations of 3 s without and 3 s with the recorder (`engine`) attached to this
 /// process; prints the medians, spreads, cost per switch, ratio, the recorder's CPU and memory.
 fn overhead(engine: &str, me: &str, outs: &str, trips: &AtomicU64) {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let (mut cpu, mut mem) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
+    for _ in 0..ROUNDS {
         without.push(rate(trips, 3).0);
         let (rec, _, _) = spawn_until(
             helper(&["arm", "--pid", me, "--out", outs, "--engine", engine]),
@@ -356,14 +360,24 @@ fn overhead(engine: &str, me: &str, outs: &str, trips: &AtomicU64) {
         format!("{lo:.0}-{hi:.0}")
     };
     let (off, on) = (median(&without), median(&with));
+    // Each on phase against the off phase just before it: this VM's speed drifts over tens of
+    // seconds (other tenants), and a pair 3 s apart shares the drift.
+    let per_round: Vec<f64> = without
+        .iter()
+        .zip(&with)
+        .map(|(off, on)| (1e6 / on - 1e6 / off) / 2.0)
+        .collect();
+    let (lo, hi) = per_round
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
     println!(
         "{engine}: ping-pong on CPU 0, round trips/s: recorder off median {off:.0} (spread {}), on median {on:.0} (spread {})",
         spread(&without),
         spread(&with)
     );
     println!(
-        "{engine}: armed recorder overhead: {:.3} µs per context switch of the target ((1/on - 1/off)/2; goal <= 0.2), throughput ratio {:.3}; the recorder used {:.2}% of one core (median; goal <= 1%); resident: {}",
-        (1e6 / on - 1e6 / off) / 2.0,
+        "{engine}: armed recorder overhead: {:.3} µs per context switch of the target (median over {ROUNDS} rounds of (1/on - 1/off)/2, each on phase against the off phase before it; spread {lo:.3}..{hi:.3}; goal <= 0.2), throughput ratio {:.3}; the recorder used {:.2}% of one core (median; goal <= 1%); resident: {}",
+        median(&per_round),
         on / off,
         100.0 * median(&cpu),
         mem.iter()

@@ -128,6 +128,12 @@ fn armed_capture(engine: &str) {
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["mode"], "armed");
+    // No thread is off CPU longer than the window (3 s before, ~1 s after): a handful of
+    // threads, 16 × 5 s is a generous bound (a wrong clock once made it 360 s).
+    assert!(
+        summary["offcpu_total_us"].as_u64().unwrap() < 16 * 5_000_000,
+        "{summary:#}"
+    );
     assert_eq!(summary["stalls"][0]["id"], 1);
     assert_eq!(summary["stalls"][0]["duration_ns"], 300_000_000u64);
     let probe_seen = summary["stalls"][0]["probe_ns"].as_u64().unwrap();

@@ -99,6 +99,12 @@ fn fork_freeze_capture(engine: &str) {
     );
     assert!(lock["waiters"].as_u64().unwrap() >= 1, "{summary:#}");
     assert!(summary["offcpu_total_us"].as_u64().unwrap() > 0);
+    // No thread is off CPU longer than the recording: the target has a handful of threads, so
+    // 3 s each is a generous bound (a wrong clock once made it 430 s).
+    assert!(
+        summary["offcpu_total_us"].as_u64().unwrap() < 16 * 3_000_000,
+        "{summary:#}"
+    );
     assert!(
         stdout.contains("mmap_lock held for write") && stdout.contains("dup_mmap"),
         "{stdout}"
