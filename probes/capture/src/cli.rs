@@ -2,7 +2,8 @@
 //! the helper (the `freeze_demo` example re-executes itself as one).
 //!
 //! ```text
-//! freezetrap-capture --pid P --out DIR [--duration 10s] [--tid T] [--stall-id N] [--min-block 1ms] [--bpftrace PATH]
+//! freezetrap-capture --pid P --out DIR [--duration 10s] [--tid T] [--stall-id N] [--min-block 1ms]
+//!     [--engine auto|compiled|bpftrace] [--bpftrace PATH]
 //! freezetrap-capture arm (--pid P | --binary PATH) --out DIR [--window 5s] [--after 5s] ...
 //! ```
 //! The first form (the triggered helper) records for the duration from now and writes
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 #[command(
     name = "freezetrap-capture",
     version,
-    about = "Records what a frozen process waits on (off-CPU stacks, on-CPU samples, mmap_lock waits and holds) with bpftrace, as root.",
+    about = "Records what a frozen process waits on (off-CPU stacks, on-CPU samples, mmap_lock waits and holds) with a compiled eBPF program or bpftrace, as root.",
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true
 )]
