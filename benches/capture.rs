@@ -17,7 +17,8 @@
 //!    (5 s before + 5 s after a `stall_begin` this process fires).
 //!
 //! This binary is its own capture helper: run with `--capture-helper ARGS` it is
-//! `freezetrap-capture ARGS`.
+//! `freezetrap-capture ARGS`. `FT_BENCH_OVERHEAD_ONLY=compiled` (or `bpftrace`) runs part 2 alone,
+//! for that engine.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
