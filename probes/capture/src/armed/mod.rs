@@ -42,7 +42,6 @@ mod source;
 mod window;
 
 pub use lines::{parse_line, Event, StallSeen};
-pub(crate) use recorder::monotonic_ns;
 pub use window::{Ready, TimelineRow, Window};
 
 use crate::cli::{ArmArgs, Engine};

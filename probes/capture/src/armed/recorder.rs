@@ -338,7 +338,7 @@ impl Recorder<'_> {
     }
 
     fn stall_begin(&mut self, window: &mut Window, pid: u32, stall: StallSeen) {
-        let now = monotonic_ns();
+        let now = base::clock::monotonic_ns();
         let seen_ms = now.saturating_sub(stall.probe_ns) as f64 / 1e6;
         let cooldown_ns = ns(self.args.cooldown);
         if self.last_capture_end_ns > 0
@@ -431,14 +431,4 @@ fn reachable_exe(pid: u32, exe: PathBuf) -> PathBuf {
     } else {
         exe
     }
-}
-
-pub(crate) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

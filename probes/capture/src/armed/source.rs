@@ -85,7 +85,7 @@ impl Source {
                 let mut send = |e| {
                     let _ = tx.send(Line::Event(e));
                 };
-                rec.poll(super::monotonic_ns(), last, &mut send);
+                rec.poll(base::clock::monotonic_ns(), last, &mut send);
                 if last {
                     break;
                 }

@@ -47,7 +47,7 @@ pub(crate) fn record_for(
     let until = since + duration;
     while Instant::now() < until {
         std::thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
-        rec.poll(crate::armed::monotonic_ns(), false, &mut add);
+        rec.poll(base::clock::monotonic_ns(), false, &mut add);
         if exited() {
             let after = started.elapsed().as_secs_f64();
             eprintln!("freezetrap-capture: pid {pid} exited after {after:.1} s: writing what was recorded");
@@ -60,7 +60,7 @@ pub(crate) fn record_for(
             break;
         }
     }
-    rec.poll(crate::armed::monotonic_ns(), true, &mut add);
+    rec.poll(base::clock::monotonic_ns(), true, &mut add);
     let ended = Instant::now();
     drop(rec);
     Ok(Taken {
