@@ -25,7 +25,9 @@ use aya::programs::{BtfTracePoint, PerfEvent, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use kernel_symbols::KernelSymbols;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 /// The compiled program, embedded (aligned: aya parses it in place).
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/recorder.bpf.o");
@@ -156,10 +158,20 @@ impl Recording {
         let btf = Btf::from_sys_fs().map_err(|e| {
             format!("no kernel BTF (/sys/kernel/btf/vmlinux) for the compiled recorder: {e}")
         })?;
-        let sites = match s.exe {
-            Some(exe) => crate::stapsdt::sites_in(exe)
+        // The executable is opened once and used only through that descriptor: its probe notes
+        // are read from it and the uprobes attached to `/proc/self/fd/N`, so a file renamed
+        // over the path after the check is neither read nor probed.
+        let opened = match s.exe {
+            Some(exe) => Some(open_target_exe(exe, s.pid)?),
+            None => None,
+        };
+        let by_fd = opened
+            .as_ref()
+            .map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
+        let sites = match (&by_fd, s.exe) {
+            (Some(fd_path), Some(exe)) => crate::stapsdt::sites_in(fd_path)
                 .map_err(|e| format!("cannot read the probes of {}: {e}", exe.display()))?,
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         // The kernel's symbols are needed only to name frames when data comes back: read on a
         // thread while the program loads (reading /proc/kallsyms takes ~60 ms here, more than
@@ -209,7 +221,7 @@ impl Recording {
             ("on_stall_begin", "stall_begin"),
             ("on_stall_end", "stall_end"),
         ] {
-            let Some(exe) = s.exe else { break };
+            let Some(fd_path) = &by_fd else { break };
             let p: &mut UProbe = program_mut(&mut ebpf, program)?;
             p.load().map_err(|e| verifier(program, &e))?;
             let fd = p.fd().map_err(err(program))?;
@@ -221,7 +233,7 @@ impl Recording {
                     .map_err(|e| format!("freezetrap:{probe} at {:#x}: {e}", site.pc))?;
                 let cookie = site_args.len() as u64;
                 attached.push(
-                    usdt::attach(fd, exe, site, s.pid, cookie).map_err(|e| {
+                    usdt::attach(fd, fd_path, site, s.pid, cookie).map_err(|e| {
                         format!("attaching freezetrap:{probe} at {:#x}: {e}", site.pc)
                     })?,
                 );
@@ -408,6 +420,24 @@ fn add_stack_event(
         EVENT_OFF => *entry += e.value / 1000,
         EVENT_ON => *entry += e.value,
         _ => *entry = (*entry).max(e.value / 1000),
+    }
+}
+
+/// Opens `exe` and checks that it is the file `pid` runs (same device and inode as
+/// `/proc/PID/exe`).
+fn open_target_exe(exe: &Path, pid: u32) -> Result<std::fs::File, String> {
+    let file =
+        std::fs::File::open(exe).map_err(|e| format!("cannot open {}: {e}", exe.display()))?;
+    let (have, want) = (
+        file.metadata(),
+        std::fs::metadata(format!("/proc/{pid}/exe")),
+    );
+    match (have, want) {
+        (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino() => Ok(file),
+        _ => Err(format!(
+            "{} is no longer the executable pid {pid} runs",
+            exe.display()
+        )),
     }
 }
 
