@@ -70,11 +70,13 @@ struct sched_entity {
 
 struct sched_info {
 	unsigned long long run_delay;
+	unsigned long long last_arrival;
 } __attribute__((preserve_access_index));
 
 struct task_struct {
 	int pid;
 	int tgid;
+	__u64 start_time;
 	char comm[16];
 	struct sched_entity se;
 	struct sched_info sched_info;
@@ -87,6 +89,9 @@ struct task_struct {
 const volatile __u32 target_tgid = 0;
 const volatile __u64 min_block_ns = 1000000;
 const volatile __u64 bucket_ns = 250000000;
+/* Slots in use, minus one (a power of two minus one, < SLOTS): fewer only in tests, which send
+ * threads down the fallback of a taken slot. */
+const volatile __u32 slot_mask = 65535;
 
 #define MAX_FRAMES 32
 
@@ -125,7 +130,7 @@ struct usdt_event {
  * it was away, without a hook at the switch out (see on_schedule_exit).
  */
 struct seen {
-	__u64 at;	 /* bpf_ktime_get_ns() */
+	__u64 at;	 /* sched_info.last_arrival: when it last came back (the runqueue clock) */
 	__u64 exec;	 /* se.sum_exec_runtime: its CPU time so far */
 	__u64 run_delay; /* sched_info.run_delay: its time runnable, waiting for a CPU, so far */
 };
@@ -156,6 +161,41 @@ struct {
 	__type(key, int);
 	__type(value, struct seen);
 } seen SEC(".maps");
+
+/*
+ * The same clocks, found without a helper call: a slot per thread in a global array indexed by
+ * the low bits of its tid (an address computed, not looked up), claimed on first sight with a
+ * compare-and-swap, released at the thread's exit. task storage (bpf_task_storage_get) costs a
+ * helper call per switch, about a third of this program's time here; a thread whose slot is
+ * taken by another falls back to it. `start` (the thread's start_time) tells a slot left by a
+ * dead thread whose tid was reused from the thread's own.
+ */
+#define SLOTS 65536
+struct slot {
+	__u32 tid; /* 0: free */
+	__u32 pad;
+	__u64 start;
+	struct seen seen;
+};
+struct slot slots[SLOTS];
+
+/* The current thread's clocks: its slot, or (slot taken) its task storage; NULL if neither. */
+static __always_inline struct seen *seen_of(struct task_struct *task)
+{
+	__u32 tid = task->pid;
+	__u64 start = task->start_time;
+	struct slot *sl = &slots[tid & slot_mask & (SLOTS - 1)];
+	__u32 owner = sl->tid;
+	if (owner == tid && sl->start == start)
+		return &sl->seen;
+	/* Free, or left by a dead thread with this tid (live tids are unique): claim it. */
+	if ((owner == 0 && __sync_val_compare_and_swap(&sl->tid, 0, tid) == 0) || owner == tid) {
+		sl->start = start;
+		sl->seen.at = 0;
+		return &sl->seen;
+	}
+	return bpf_task_storage_get(&seen, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -264,8 +304,8 @@ static __always_inline void add_bucket(void *map, __u32 tid, __u64 now, __u64 us
  *
  * How long it was away needs no hook at the switch out: the kernel keeps its CPU time
  * (se.sum_exec_runtime, exact up to its last switch out) and its time spent runnable waiting
- * for a CPU (sched_info.run_delay). Since it last came back at `at`, it was away for
- * (now - at) - (CPU time since), of which the growth of run_delay was waiting for a CPU and the
+ * for a CPU (sched_info.run_delay), and stamps each return (sched_info.last_arrival). Since it
+ * last came back at `at`, it was away for (arrival - at) - (CPU time since), of which the growth of run_delay was waiting for a CPU and the
  * rest blocked. A block of at least min_block_ns has its stacks walked, here, on the thread
  * itself: its kernel stack is still the path it slept on (__schedule <- schedule <-
  * rwsem_down_write_slowpath <- ...) and its user registers are those it entered the kernel with.
@@ -281,24 +321,33 @@ static __always_inline void add_bucket(void *map, __u32 tid, __u64 now, __u64 us
 SEC("tp_btf/sched_exit_tp")
 int on_schedule_exit(__u64 *ctx)
 {
+	/* (bool is_switch): false when __schedule() picked the thread that was already running. */
+	if (!ctx[0])
+		return 0;
 	/* (The JIT inlines this helper: one load, cheaper than bpf_get_current_pid_tgid.) */
 	struct task_struct *task = bpf_get_current_task_btf();
 	if (task->tgid != target_tgid)
 		return 0;
-	struct seen *t = bpf_task_storage_get(&seen, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct seen *t = seen_of(task);
 	if (!t) {
 		count(1);
 		return 0;
 	}
-	__u64 now = bpf_ktime_get_ns();
+	/* The kernel stamped this return itself (sched_info_arrive, just before the switch, from
+	 * the runqueue clock that also drives sum_exec_runtime): reading it saves the one helper
+	 * call left on this path, bpf_ktime_get_ns(). Not stamped (the same value as last time) is
+	 * an arrival schedstats did not see; the next one then spans both, which sums the same. */
+	__u64 arrival = task->sched_info.last_arrival;
+	if (arrival == t->at)
+		return 0;
 	__u64 exec = task->se.sum_exec_runtime;
 	__u64 run_delay = task->sched_info.run_delay;
 	__s64 away = 0, waited = 0;
 	if (t->at) {
-		away = (__s64)(now - t->at) - (__s64)(exec - t->exec);
+		away = (__s64)(arrival - t->at) - (__s64)(exec - t->exec);
 		waited = (__s64)(run_delay - t->run_delay);
 	}
-	t->at = now;
+	t->at = arrival;
 	t->exec = exec;
 	t->run_delay = run_delay;
 	if (away <= 0)
@@ -308,10 +357,11 @@ int on_schedule_exit(__u64 *ctx)
 		/* Preempted (away, but not blocked for even a microsecond): its wait for a CPU. A
 		 * short block and the wait after its wake-up count for nothing, as in armed.bt. */
 		if (blocked < 1000 && waited >= 1000)
-			add_bucket(&runq, task->pid, now, (__u64)waited / 1000, 1, 0);
+			add_bucket(&runq, task->pid, bpf_ktime_get_ns(), (__u64)waited / 1000, 1, 0);
 		return 0;
 	}
-	struct event *e = reserve(EVENT_OFF, now);
+	/* Events carry the monotonic clock every other freezetrap timestamp uses. */
+	struct event *e = reserve(EVENT_OFF, bpf_ktime_get_ns());
 	if (!e)
 		return 0;
 	e->value = (__u64)away;
@@ -407,6 +457,9 @@ int on_exit(__u64 *ctx)
 	if (p->tgid != target_tgid)
 		return 0;
 	__u32 tid = p->pid;
+	struct slot *sl = &slots[tid & slot_mask & (SLOTS - 1)];
+	if (sl->tid == tid)
+		sl->tid = 0; /* (whoever claims it next resets it) */
 	bpf_map_delete_elem(&lock_starts, &tid);
 	bpf_map_delete_elem(&hold_starts, &tid);
 	return 0;

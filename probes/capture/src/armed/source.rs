@@ -68,6 +68,7 @@ impl Source {
                 exe: Some(&exe),
                 min_block_us,
                 bucket_ms,
+                slots: crate::compiled::SLOTS,
             };
             let mut rec = match Recording::start(&settings) {
                 Ok(r) => r,

@@ -13,6 +13,8 @@
 //! runs `armed.bt` with bpftrace instead.
 
 mod kernel_symbols;
+#[cfg(test)]
+mod tests;
 mod triggered;
 mod usdt;
 
@@ -96,7 +98,13 @@ pub(crate) struct Settings<'a> {
     pub(crate) exe: Option<&'a Path>,
     pub(crate) min_block_us: u64,
     pub(crate) bucket_ms: u64,
+    /// Per-thread slots (a power of two, at most [`SLOTS`]): [`SLOTS`] but in tests, which use
+    /// fewer to send threads down the program's fallback for a slot another thread holds.
+    pub(crate) slots: u32,
 }
+
+/// The program's per-thread slots (`SLOTS` in recorder.bpf.c).
+pub(crate) const SLOTS: u32 = 65536;
 
 /// Maps of one bucket: map name (`@off`, ...) -> key text -> value.
 type Bucket = BTreeMap<&'static str, BTreeMap<String, u64>>;
@@ -179,6 +187,10 @@ impl Recording {
         let kernel = Kernel::Loading(std::thread::spawn(KernelSymbols::load));
         let bucket_ns = s.bucket_ms.max(1) * 1_000_000;
         let min_block_ns = s.min_block_us.saturating_mul(1000);
+        if !s.slots.is_power_of_two() || s.slots > SLOTS {
+            return Err(format!("{} slots: a power of two up to {SLOTS}", s.slots));
+        }
+        let slot_mask = s.slots - 1;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             // `seen` is task storage, which aya creates but has no user-space type for (it is
@@ -187,6 +199,7 @@ impl Recording {
             .override_global("target_tgid", &s.pid, true)
             .override_global("min_block_ns", &min_block_ns, true)
             .override_global("bucket_ns", &bucket_ns, true)
+            .override_global("slot_mask", &slot_mask, true)
             .load(OBJECT)
             .map_err(|e| format!("loading the compiled recorder failed: {e}"))?;
 

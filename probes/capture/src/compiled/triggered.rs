@@ -25,6 +25,7 @@ pub(crate) fn record_for(
         exe: None,
         min_block_us,
         bucket_ms: 250,
+        slots: super::SLOTS,
     })?;
     let since = Instant::now();
     eprintln!("freezetrap-capture: recording");
