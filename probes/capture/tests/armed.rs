@@ -42,6 +42,21 @@ fn child_armed_target() {
     std::hint::black_box(&big);
 }
 
+/// Another process running the same executable, which reports a stall (id 99) every 50 ms:
+/// the compiled recorder's uprobes are on the file, for every process running it, and only the
+/// target's stalls may come through.
+#[test]
+fn child_armed_bystander() {
+    if std::env::var("FREEZETRAP_TEST_ROLE").as_deref() != Ok("armed-bystander") {
+        return;
+    }
+    println!("READY");
+    for _ in 0..1200 {
+        probes::stall_begin(99, 0, 1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn armed_mode_captures_the_seconds_before_stall_begin() {
     if std::env::var("FREEZETRAP_TEST_ROLE").is_ok()
@@ -64,6 +79,20 @@ fn armed_mode_with_bpftrace_captures_the_seconds_before_stall_begin() {
 }
 
 fn armed_capture(engine: &str) {
+    let mut bystander = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_armed_bystander", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env("FREEZETRAP_TEST_ROLE", "armed-bystander")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut bystander_seen = String::new();
+    wait_for(
+        &lines_of(bystander.stdout.take().unwrap()),
+        "READY",
+        60,
+        &mut bystander_seen,
+    );
     let mut target = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_armed_target", "--nocapture"])
         .args(["--test-threads=1"])
@@ -120,7 +149,14 @@ fn armed_capture(engine: &str) {
     eprintln!("{line}");
     let _ = target.wait();
     let status = rec.wait().unwrap();
+    let _ = bystander.kill();
+    let _ = bystander.wait();
     assert!(status.success(), "recorder failed: {status}\n{rec_seen}");
+    rec_seen.extend(rec_err.iter().chain(rec_out.iter()).map(|l| l + "\n"));
+    assert!(
+        !rec_seen.contains("stall 99"),
+        "another process's stall came through:\n{rec_seen}"
+    );
 
     let fork_ns: u64 = forked.split_whitespace().nth(1).unwrap().parse().unwrap();
     let probe_ns: u64 = fired.split_whitespace().nth(1).unwrap().parse().unwrap();

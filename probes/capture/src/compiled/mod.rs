@@ -246,7 +246,7 @@ impl Recording {
                     .map_err(|e| format!("freezetrap:{probe} at {:#x}: {e}", site.pc))?;
                 let cookie = site_args.len() as u64;
                 attached.push(
-                    usdt::attach(fd, fd_path, site, s.pid, cookie).map_err(|e| {
+                    usdt::attach(fd, fd_path, site, cookie).map_err(|e| {
                         format!("attaching freezetrap:{probe} at {:#x}: {e}", site.pc)
                     })?,
                 );
