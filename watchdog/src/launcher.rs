@@ -264,7 +264,18 @@ impl Launcher {
                 _ if std::time::Instant::now() >= until => {
                     return Err(std::io::Error::other("it did not answer within 5 s"))
                 }
-                _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+                _ => {
+                    // Block until it answers (or dies): a 1 ms sleep between polls made every
+                    // start wait at least that long, most of what the watchdog's start cost.
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    let mut p = libc::pollfd {
+                        fd: l.resp_r.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, alive for the call.
+                    unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 5000) as i32) };
+                }
             }
         }
     }
