@@ -27,7 +27,7 @@
 //! directories beyond `--max-bytes` (default 1 GiB) are deleted oldest first; `--for` ends the
 //! recording after S seconds. bpftrace printing nothing for `--silence-limit` seconds (default 60)
 //! is a hang: the recorder stops it and exits 8. bpftrace gets SIGTERM if the recorder dies.
-//! The compiled program costs ~0.2-0.5 µs per context switch of the target where `armed.bt`
+//! The compiled program costs ~0.2 µs per context switch of the target where `armed.bt`
 //! costs ~7 µs (`cargo bench --bench capture`), is armed in ~0.1 s, and needs no re-arming. With bpftrace, every `--rearm-every` seconds (default 3600), when no capture is
 //! pending, bpftrace is
 //! replaced by a fresh one (a gap of about half a second in the data; the window in memory is

@@ -4,9 +4,10 @@
 //!
 //! Why: `armed.bt` walked the kernel and user stacks of every target thread at every switch out
 //! (3.6-3.9 µs per context switch, pinned), and bpftrace compiles its program at every start
-//! (0.2-0.5 s) and keeps LLVM in memory (~120 MiB). This program stores a timestamp at a switch
-//! out, and walks stacks at the switch back in only for blocks of `--min-block-us` or more; it is
-//! verified and attached in tens of milliseconds.
+//! (0.2-0.5 s) and keeps LLVM in memory (~120 MiB). This program has one hook, at the end of
+//! `__schedule()` on the thread that runs again: from the thread's own scheduler clocks it knows
+//! how long it was away, and walks its stacks only for blocks of `--min-block-us` or more
+//! (~0.2 µs per context switch). It is verified and attached in tens of milliseconds.
 //!
 //! It needs the kernel's BTF (`/sys/kernel/btf/vmlinux`) for its CO-RE relocations and its
 //! `tp_btf` programs; without it (or when loading fails) the recorder says why in one line and
