@@ -156,7 +156,6 @@ impl<A> GuardedAlloc<A> {
 
 impl<A: GlobalAlloc> GuardedAlloc<A> {
     /// The slow path, with this instance's limit word (registered there on first use).
-    /// (`record::slow_path` is cold and out of line: what callers inline is the compare.)
     #[inline(always)]
     unsafe fn slow(&self, req: Request) -> *mut u8 {
         // SAFETY: the caller's request, forwarded unchanged.
@@ -172,6 +171,63 @@ impl<A: GlobalAlloc> GuardedAlloc<A> {
 // length, frame counts are capped at `MAX_FRAMES`), and its integer arithmetic either saturates
 // (durations, scope counters) or advances 64-bit sequence counters that would need 2^62 events
 // to overflow (`2 * seq + 2` in the ring and the in-flight table).
+// The slow paths as the fast path calls them: out of line, the request's scalars as arguments
+// in the order `__rust_alloc` and `__rust_realloc` receive them, the instance last. Built at each
+// call site instead, the `Request` (five words, passed through memory) took a stack slot in every
+// caller and, through register pressure, cost a few instructions per allocation on the fast path
+// too; with the instance first, every fast path shuffled its arguments between registers
+// (`bash benches/callgrind.sh`).
+
+/// # Safety
+/// `size` and `align` are those of a valid `Layout`; the request satisfies `alloc`'s contract.
+#[cold]
+#[inline(never)]
+unsafe fn alloc_slow<A: GlobalAlloc>(size: usize, align: usize, this: &GuardedAlloc<A>) -> *mut u8 {
+    // SAFETY: taken apart from a valid Layout by the caller; the request is forwarded unchanged.
+    unsafe {
+        let layout = Layout::from_size_align_unchecked(size, align);
+        this.slow(Request::Alloc(layout))
+    }
+}
+
+/// # Safety
+/// As [`alloc_slow`], for `alloc_zeroed`.
+#[cold]
+#[inline(never)]
+unsafe fn alloc_zeroed_slow<A: GlobalAlloc>(
+    size: usize,
+    align: usize,
+    this: &GuardedAlloc<A>,
+) -> *mut u8 {
+    // SAFETY: as in alloc_slow.
+    unsafe {
+        let layout = Layout::from_size_align_unchecked(size, align);
+        this.slow(Request::AllocZeroed(layout))
+    }
+}
+
+/// # Safety
+/// As [`alloc_slow`], for `realloc` of `ptr` (allocated with `size` and `align`) to `new_size`.
+#[cold]
+#[inline(never)]
+unsafe fn realloc_slow<A: GlobalAlloc>(
+    ptr: *mut u8,
+    size: usize,
+    align: usize,
+    new_size: usize,
+    this: &GuardedAlloc<A>,
+) -> *mut u8 {
+    // SAFETY: as in alloc_slow.
+    unsafe {
+        let layout = Layout::from_size_align_unchecked(size, align);
+        this.slow(Request::Realloc {
+            ptr,
+            layout,
+            new_size,
+        })
+    }
+}
+
 unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -180,7 +236,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
             return unsafe { self.inner.alloc(layout) };
         }
         // SAFETY: the request is the caller's, forwarded unchanged.
-        unsafe { self.slow(Request::Alloc(layout)) }
+        unsafe { alloc_slow(layout.size(), layout.align(), self) }
     }
 
     #[inline]
@@ -190,7 +246,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
             return unsafe { self.inner.alloc_zeroed(layout) };
         }
         // SAFETY: the request is the caller's, forwarded unchanged.
-        unsafe { self.slow(Request::AllocZeroed(layout)) }
+        unsafe { alloc_zeroed_slow(layout.size(), layout.align(), self) }
     }
 
     #[inline]
@@ -200,13 +256,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for GuardedAlloc<A> {
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
         // SAFETY: the request is the caller's, forwarded unchanged.
-        unsafe {
-            self.slow(Request::Realloc {
-                ptr,
-                layout,
-                new_size,
-            })
-        }
+        unsafe { realloc_slow(ptr, layout.size(), layout.align(), new_size, self) }
     }
 
     #[inline]
