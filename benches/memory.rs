@@ -31,6 +31,17 @@ fn service() {
     let beats: Vec<_> = (0..16)
         .map(|i| freezetrap::Heartbeat::new(&format!("hb-{i}")))
         .collect();
+    // The launcher is forked off this thread and installed at the watchdog's first tick.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::env::var_os("FREEZETRAP_CAPTURE").is_some()
+        && ft
+            .watchdog()
+            .and_then(|w| w.capture_launcher_pid())
+            .is_none()
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let launcher = ft
         .watchdog()
         .and_then(|w| w.capture_launcher_pid())

@@ -80,6 +80,14 @@ fn idle_service_cost() {
     }
     let ft = freezetrap::init_from_env();
     let wd = ft.watchdog().expect("the watchdog started");
+    // The launcher is forked off this thread and installed at the watchdog's first tick.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while helper.is_some()
+        && wd.capture_launcher_pid().is_none()
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let launcher = wd.capture_launcher_pid();
     let beats: Vec<_> = (0..16)
         .map(|i| freezetrap::Heartbeat::new(&format!("hb-{i}")))

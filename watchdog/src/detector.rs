@@ -136,6 +136,12 @@ impl Detector {
         }
         // The process-wide counters (opening them finds the cgroup: allocation, before the loop).
         let sys = SysView::open();
+        // The report thread is forking the first launcher as it starts: it counts as asked for.
+        let launcher_asked_ns = if self.trigger.is_some() {
+            monotonic_ns().max(1)
+        } else {
+            0
+        };
         let init = |p: *mut LoopState| {
             // SAFETY: `p` is valid for writes of a LoopState (ForkSafeBox::new_with's promise).
             unsafe {
@@ -145,7 +151,7 @@ impl Detector {
                     pool: [const { None }; POOL],
                     trigger: None,
                     next_id: 1,
-                    restart_asked_ns: 0,
+                    restart_asked_ns: launcher_asked_ns,
                     sys,
                     sys_prev: SysCounters::default(),
                     sys_now: SysCounters::default(),
@@ -197,6 +203,7 @@ impl Detector {
             self.shared.samples.push(late);
             tick.sample_sys(late);
             tick.take_back_records();
+            tick.install_launcher();
             if late >= tick.threshold {
                 tick.process_stall(deadline, now, late);
             }
@@ -472,6 +479,24 @@ impl Tick<'_> {
                 }
             },
             Some(TriggerEvent::LauncherDied) | None => {}
+        }
+    }
+
+    /// Installs a launcher the report thread sent (the first one, forked as it started, or a
+    /// replacement), before stalls are processed: a stall found at the first tick has it. A
+    /// lock-free receive and a move: nothing a frozen process could block.
+    fn install_launcher(&mut self) {
+        let Some(t) = self.st.trigger.as_mut() else {
+            return;
+        };
+        if t.has_launcher() {
+            return;
+        }
+        if let Ok(l) = self.launchers.try_recv() {
+            // Relaxed: a monitoring value; nothing else is published with it.
+            self.shared.launcher_pid.store(l.pid(), Ordering::Relaxed);
+            t.install_launcher(l);
+            self.st.restart_asked_ns = 0;
         }
     }
 

@@ -12,7 +12,9 @@
 //! a fixed-size request into a pipe (no allocation, no page fault, no lock).
 //!
 //! # Lifecycle
-//! - It is forked twice at start (never during a freeze): the middle process exits at once, so
+//! - It is forked when the watchdog starts, by the watchdog's report thread (never during a
+//!   freeze, and not on the thread that starts the watchdog, which would wait ~1 ms for it); the
+//!   watchdog thread installs it at its first tick. It is forked twice: the middle process exits at once, so
 //!   the launcher is nobody's thread-bound child. It has no parent-death signal, which Linux ties
 //!   to the *thread* that forked: a watchdog started from a short-lived thread would otherwise
 //!   lose its launcher with that thread.

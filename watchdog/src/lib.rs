@@ -198,7 +198,8 @@ impl Watchdog {
     }
 
     /// The pid of the process that starts capture helpers (see the README's "How the capture is
-    /// started during a freeze"), while there is one.
+    /// started during a freeze"), while there is one. `None` until the watchdog's first tick:
+    /// the launcher is forked off the caller's thread, and installed then.
     pub fn capture_launcher_pid(&self) -> Option<u32> {
         #[cfg(ft_linux)]
         {

@@ -214,6 +214,18 @@ pub(crate) fn run(
     helper: Option<HelperInfo>,
 ) {
     alloc_guard::internal::mark_current_thread_internal();
+    // The first launcher, forked here rather than on the thread that started the watchdog
+    // (which would wait for it); the watchdog thread installs it at its next tick.
+    if let Some(h) = &helper {
+        match crate::trigger::start_launcher(&h.spec) {
+            Ok(l) => {
+                let _ = h.launchers.try_send(l);
+            }
+            Err(e) => eprintln!(
+                "freezetrap: the capture launcher process cannot be started ({e}): no captures until it can (retried every minute)"
+            ),
+        }
+    }
     let mut r = Reporting {
         sym: Symbolizer::new(),
         sys: crate::sysview::SysInfo::find(),
@@ -267,7 +279,7 @@ pub(crate) fn run(
             }
             Msg::RestartLauncher => {
                 let Some(h) = &helper else { continue };
-                match crate::trigger::restart_launcher(&h.spec) {
+                match crate::trigger::start_launcher(&h.spec) {
                     Ok(l) => {
                         eprintln!("freezetrap: the capture launcher process had died: started a new one");
                         let _ = h.launchers.try_send(l);

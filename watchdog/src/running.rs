@@ -83,11 +83,6 @@ impl Running {
             samples,
             hiccups: Mutex::new((hist, 0)),
         });
-        // Relaxed: a monitoring value; nothing else is published with it.
-        shared.launcher_pid.store(
-            trigger.as_ref().and_then(|t| t.launcher_pid()).unwrap_or(0),
-            Ordering::Relaxed,
-        );
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
         let (out_tx, out_rx) = crossbeam_channel::bounded(POOL * 4);
         let (launcher_tx, launcher_rx) = crossbeam_channel::bounded(1);

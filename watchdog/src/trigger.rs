@@ -202,8 +202,11 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl Trigger {
-    /// Opens and checks the helper and the output directory, and forks the launcher. Errors
-    /// are one-line reasons.
+    /// Opens and checks the helper and the output directory. Errors are one-line reasons.
+    ///
+    /// The launcher is not forked here, on the caller's thread (a short-lived program would wait
+    /// for two forks and the launcher's first answer, ~1 ms): the watchdog's report thread forks
+    /// it as it starts, and the watchdog thread installs it (see `crate::running`).
     pub fn new(cfg: CaptureConfig) -> Result<Trigger, String> {
         let helper = validate_helper(&cfg.helper)?;
         let out = Dir::open_private(&cfg.out_dir).map_err(|why| {
@@ -248,10 +251,8 @@ impl Trigger {
                 .as_nanos()
                 .min(u64::MAX as u128) as u64,
         });
-        let launcher = Launcher::start(&spec)
-            .map_err(|e| format!("the launcher process cannot be started ({e})"))?;
         Ok(Trigger {
-            launcher: Some(launcher),
+            launcher: None,
             spec,
             out: Arc::new(out),
             nonce: random_u64(),
@@ -279,11 +280,6 @@ impl Trigger {
         self.spec.clone()
     }
 
-    /// The launcher process's pid, while there is one.
-    pub fn launcher_pid(&self) -> Option<u32> {
-        self.launcher.as_ref().map(Launcher::pid)
-    }
-
     /// Whether a capture was started and has not finished.
     pub fn capturing(&self) -> bool {
         self.running.is_some()
@@ -294,7 +290,8 @@ impl Trigger {
         self.launcher.is_some()
     }
 
-    /// Installs a new launcher (started off the watchdog thread after the old one died).
+    /// Installs a launcher (started off the watchdog thread: the first one, or after the last
+    /// one died).
     pub(crate) fn install_launcher(&mut self, l: Launcher) {
         self.launcher = Some(l);
     }
@@ -442,9 +439,9 @@ impl Trigger {
     }
 }
 
-/// Starts a new launcher from `spec` (the report thread does this after the old one died,
-/// outside any stall: it forks the service).
-pub(crate) fn restart_launcher(spec: &LaunchSpec) -> std::io::Result<Launcher> {
+/// Starts a launcher from `spec` (the report thread does this as it starts, and after the last
+/// one died, outside any stall: it forks the service).
+pub(crate) fn start_launcher(spec: &LaunchSpec) -> std::io::Result<Launcher> {
     Launcher::start(spec)
 }
 
