@@ -16,7 +16,7 @@ use crate::sysview::{SysCounters, SysView, FULL_EVERY};
 use crate::trigger::{CaptureStatus, Trigger, TriggerEvent};
 use crate::WatchdogConfig;
 use base::clock::monotonic_ns;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -74,7 +74,7 @@ pub(crate) struct Detector {
     pub(crate) pool: Vec<ForkSafeBox<StallRecord>>,
     /// Records coming back from the report thread.
     pub(crate) returned: Receiver<ForkSafeBox<StallRecord>>,
-    pub(crate) out: Sender<Msg>,
+    pub(crate) out: crate::running::ReportTx,
     /// New launchers from the report thread (after one died).
     pub(crate) launchers: Receiver<crate::launcher::Launcher>,
     pub(crate) next_id: u64,
@@ -190,9 +190,16 @@ impl Detector {
         // A first reading, so the first tick already has a baseline.
         tick.sample_sys(u64::MAX);
         let mut deadline = monotonic_ns().saturating_add(period);
+        let progress = &*self.shared.progress;
         while self.shared.stop.load(Ordering::Acquire) == 0 {
+            // For the owner's drop, which returns at once if it finds this thread asleep with
+            // nothing left to report (see `Running::drop`). Relaxed, published by the SeqCst
+            // (Release) store of `busy`.
+            progress.open.store(tick.open_count(), Ordering::Relaxed);
+            progress.busy.store(0, Ordering::SeqCst);
             base::raw::sleep_until_or_woken(&self.shared.stop, 0, deadline);
-            if self.shared.stop.load(Ordering::Acquire) != 0 {
+            progress.busy.store(1, Ordering::SeqCst);
+            if self.shared.stop.load(Ordering::SeqCst) != 0 {
                 break;
             }
             let now = monotonic_ns();
@@ -216,6 +223,10 @@ impl Detector {
             }
         }
         tick.shut_down();
+        // Done with what the owner waits for: let the launcher go and close the report channel
+        // now, before this thread unmaps its records and state.
+        st.trigger = None;
+        drop(self.out);
     }
 }
 
@@ -227,7 +238,7 @@ fn ns(d: std::time::Duration) -> u64 {
 /// fork-proof memory (`st`) or on this thread's marked stack.
 struct Tick<'a> {
     st: &'a mut ForkSafeBox<LoopState>,
-    out: &'a Sender<Msg>,
+    out: &'a crate::running::ReportTx,
     returned: &'a Receiver<ForkSafeBox<StallRecord>>,
     launchers: &'a Receiver<crate::launcher::Launcher>,
     shared: &'a Shared,
@@ -236,6 +247,10 @@ struct Tick<'a> {
 }
 
 impl Tick<'_> {
+    fn open_count(&self) -> u32 {
+        self.st.open.iter().flatten().count() as u32
+    }
+
     fn no_stall_open(&self) -> bool {
         self.st.open.iter().all(Option::is_none)
     }
@@ -543,7 +558,7 @@ impl Tick<'_> {
 }
 
 fn end_stall(
-    out: &Sender<Msg>,
+    out: &crate::running::ReportTx,
     trigger: Option<&Trigger>,
     mut rec: ForkSafeBox<StallRecord>,
     now: u64,

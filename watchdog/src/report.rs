@@ -212,6 +212,7 @@ pub(crate) fn run(
     pool: Sender<ForkSafeBox<StallRecord>>,
     writer: Arc<ReportWriter>,
     helper: Option<HelperInfo>,
+    reported: crate::running::SaysReported,
 ) {
     alloc_guard::internal::mark_current_thread_internal();
     // The first launcher, forked here rather than on the thread that started the watchdog
@@ -294,6 +295,7 @@ pub(crate) fn run(
                 writer.write_json(&serde_json::json!({"event": "stall_dropped", "id": stall_id}));
             }
         }
+        reported.handled();
     }
     // Incidents cut short by a shutdown still get said.
     for (_, reports) in std::mem::take(&mut r.pending) {
@@ -306,4 +308,5 @@ pub(crate) fn run(
             crate::events::deliver(report);
         }
     }
+    drop(reported);
 }
