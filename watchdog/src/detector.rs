@@ -36,6 +36,8 @@ pub(crate) enum Msg {
     /// The launcher process died: start a new one (forking is allowed on the report thread,
     /// and no stall is open) and send it back.
     RestartLauncher,
+    /// Start the first launcher (once the watchdog has settled and set up) and send it back.
+    StartLauncher,
 }
 
 /// Per-heartbeat state private to the watchdog thread.
@@ -80,6 +82,9 @@ pub(crate) struct Detector {
     pub(crate) next_id: u64,
 }
 
+/// How long the watchdog thread waits before it sets up (see `Detector::run`), at most a tick.
+const SETTLE_NS: u64 = 50_000_000;
+
 #[inline(never)]
 fn prefault_stack() {
     // Touch 256 KiB of stack now, so a stall never page-faults (and so never waits on the
@@ -110,6 +115,23 @@ impl Detector {
     }
 
     fn run(mut self) {
+        // A short-lived program (a CLI run, a test process) should not pay for what only a
+        // stall needs: the records, the pre-faulting, the launcher's fork. So wait a little
+        // first, asleep as far as the owner's drop is concerned, and leave without setting
+        // anything up if it comes meanwhile. No stall could be found this early anyway: the
+        // first needs a tick and a threshold after setup.
+        let progress = &*self.shared.progress;
+        progress.busy.store(0, Ordering::SeqCst);
+        let settle = SETTLE_NS.min(ns(self.cfg.tick));
+        base::raw::sleep_until_or_woken(
+            &self.shared.stop,
+            0,
+            monotonic_ns().saturating_add(settle),
+        );
+        progress.busy.store(1, Ordering::SeqCst);
+        if self.shared.stop.load(Ordering::SeqCst) != 0 {
+            return;
+        }
         for _ in 0..POOL {
             if self.stopping() {
                 return;
@@ -190,7 +212,10 @@ impl Detector {
         // A first reading, so the first tick already has a baseline.
         tick.sample_sys(u64::MAX);
         let mut deadline = monotonic_ns().saturating_add(period);
-        let progress = &*self.shared.progress;
+        if tick.st.trigger.is_some() {
+            // The first launcher: forked by the report thread, installed at a tick.
+            let _ = tick.out.try_send(Msg::StartLauncher);
+        }
         while self.shared.stop.load(Ordering::Acquire) == 0 {
             // For the owner's drop, which returns at once if it finds this thread asleep with
             // nothing left to report (see `Running::drop`). Relaxed, published by the SeqCst

@@ -117,6 +117,11 @@ impl Watchdog {
     /// fails validation is refused with the reason; the watchdog then runs without captures
     /// (said on stderr by [`Watchdog::start_logged`]). Elsewhere than Linux it returns an
     /// `Unsupported` error ([`UNSUPPORTED`]).
+    ///
+    /// Nothing here waits: the watchdog thread sets itself up (its stall records, pre-faulting,
+    /// the capture launcher's fork) 50 ms later (at most one tick), so a program that exits
+    /// sooner pays for none of it; detection starts a tick after that. Dropping the handle
+    /// returns at once when nothing is left to report (see the README's performance section).
     pub fn start(
         cfg: WatchdogConfig,
         writer: Arc<alloc_guard::ReportWriter>,

@@ -215,18 +215,6 @@ pub(crate) fn run(
     reported: crate::running::SaysReported,
 ) {
     alloc_guard::internal::mark_current_thread_internal();
-    // The first launcher, forked here rather than on the thread that started the watchdog
-    // (which would wait for it); the watchdog thread installs it at its next tick.
-    if let Some(h) = &helper {
-        match crate::trigger::start_launcher(&h.spec) {
-            Ok(l) => {
-                let _ = h.launchers.try_send(l);
-            }
-            Err(e) => eprintln!(
-                "freezetrap: the capture launcher process cannot be started ({e}): no captures until it can (retried every minute)"
-            ),
-        }
-    }
     let mut r = Reporting {
         sym: Symbolizer::new(),
         sys: crate::sysview::SysInfo::find(),
@@ -278,16 +266,25 @@ pub(crate) fn run(
                     }
                 }
             }
-            Msg::RestartLauncher => {
-                let Some(h) = &helper else { continue };
-                match crate::trigger::start_launcher(&h.spec) {
-                    Ok(l) => {
-                        eprintln!("freezetrap: the capture launcher process had died: started a new one");
-                        let _ = h.launchers.try_send(l);
+            msg @ (Msg::StartLauncher | Msg::RestartLauncher) => {
+                // The first launcher is forked here too, not on the thread that started the
+                // watchdog (which would wait for it); the watchdog thread installs it.
+                let restart = matches!(msg, Msg::RestartLauncher);
+                if let Some(h) = &helper {
+                    match crate::trigger::start_launcher(&h.spec) {
+                        Ok(l) => {
+                            if restart {
+                                eprintln!("freezetrap: the capture launcher process had died: started a new one");
+                            }
+                            let _ = h.launchers.try_send(l);
+                        }
+                        Err(e) if restart => eprintln!(
+                            "freezetrap: the capture launcher process had died and a new one cannot be started ({e}): retrying in a minute"
+                        ),
+                        Err(e) => eprintln!(
+                            "freezetrap: the capture launcher process cannot be started ({e}): no captures until it can (retried every minute)"
+                        ),
                     }
-                    Err(e) => eprintln!(
-                        "freezetrap: the capture launcher process had died and a new one cannot be started ({e}): retrying in a minute"
-                    ),
                 }
             }
             Msg::Dropped { stall_id } => {
