@@ -215,11 +215,17 @@ impl Drop for Reporter {
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
             RING.wake_consumer();
-            let reported_all = self.shared.position.load(Ordering::Acquire) >= RING.recorded();
-            while !reported_all && self.shared.finished.load(Ordering::Acquire) == 0 {
-                base::raw::sleep_until_or_woken(&self.shared.finished, 0, u64::MAX);
+            #[cfg(ft_linux)]
+            {
+                let reported_all = self.shared.position.load(Ordering::Acquire) >= RING.recorded();
+                while !reported_all && self.shared.finished.load(Ordering::Acquire) == 0 {
+                    base::raw::sleep_until_or_woken(&self.shared.finished, 0, u64::MAX);
+                }
+                drop(t); // detached: it exits on its own
             }
-            drop(t); // detached: it exits on its own
+            // (Elsewhere there is no futex to wait on: joined.)
+            #[cfg(not(ft_linux))]
+            let _ = t.join();
         }
     }
 }
@@ -231,6 +237,7 @@ impl Drop for SaysFinished {
     fn drop(&mut self) {
         // Release: the lines written before are visible to the owner that sees the flag.
         self.0.finished.store(1, Ordering::Release);
+        #[cfg(ft_linux)]
         base::raw::wake_all(&self.0.finished);
     }
 }
