@@ -36,8 +36,6 @@ pub(crate) enum Msg {
     /// The launcher process died: start a new one (forking is allowed on the report thread,
     /// and no stall is open) and send it back.
     RestartLauncher,
-    /// Start the first launcher (once the watchdog has settled and set up) and send it back.
-    StartLauncher,
 }
 
 /// Per-heartbeat state private to the watchdog thread.
@@ -116,7 +114,7 @@ impl Detector {
 
     fn run(mut self) {
         // A short-lived program (a CLI run, a test process) should not pay for what only a
-        // stall needs: the records, the pre-faulting, the launcher's fork. So wait a little
+        // stall needs: the records, the pre-faulting. So wait a little
         // first, asleep as far as the owner's drop is concerned, and leave without setting
         // anything up if it comes meanwhile. No stall could be found this early anyway: the
         // first needs a tick and a threshold after setup.
@@ -212,10 +210,6 @@ impl Detector {
         // A first reading, so the first tick already has a baseline.
         tick.sample_sys(u64::MAX);
         let mut deadline = monotonic_ns().saturating_add(period);
-        if tick.st.trigger.is_some() {
-            // The first launcher: forked by the report thread, installed at a tick.
-            let _ = tick.out.try_send(Msg::StartLauncher);
-        }
         while self.shared.stop.load(Ordering::Acquire) == 0 {
             // For the owner's drop, which returns at once if it finds this thread asleep with
             // nothing left to report (see `Running::drop`). Relaxed, published by the SeqCst

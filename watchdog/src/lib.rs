@@ -118,9 +118,10 @@ impl Watchdog {
     /// (said on stderr by [`Watchdog::start_logged`]). Elsewhere than Linux it returns an
     /// `Unsupported` error ([`UNSUPPORTED`]).
     ///
-    /// Nothing here waits: the watchdog thread sets itself up (its stall records, pre-faulting,
-    /// the capture launcher's fork) 50 ms later (at most one tick), so a program that exits
-    /// sooner pays for none of it; detection starts a tick after that. Dropping the handle
+    /// Nothing here waits: the capture launcher is forked at once by the report thread (while
+    /// the process is still small), and the watchdog thread sets itself up (its stall records,
+    /// pre-faulting) 50 ms later (at most one tick), so a program that exits sooner pays for
+    /// none of that; detection starts a tick after it. Dropping the handle
     /// returns at once when nothing is left to report (see the README's performance section).
     pub fn start(
         cfg: WatchdogConfig,

@@ -215,6 +215,21 @@ pub(crate) fn run(
     reported: crate::running::SaysReported,
 ) {
     alloc_guard::internal::mark_current_thread_internal();
+    // The first launcher, forked here as soon as the watchdog starts: not on the thread that
+    // started it (which would wait ~1 ms for two forks and the launcher's answer), and not
+    // later, when the service may have grown (a fork copies its page tables under mmap_lock:
+    // deferred by 50 ms, it froze the demo, which fills a 2 GiB cache at start, for 60-80 ms).
+    // The watchdog thread installs it at its first tick.
+    if let Some(h) = &helper {
+        match crate::trigger::start_launcher(&h.spec) {
+            Ok(l) => {
+                let _ = h.launchers.try_send(l);
+            }
+            Err(e) => eprintln!(
+                "freezetrap: the capture launcher process cannot be started ({e}): no captures until it can (retried every minute)"
+            ),
+        }
+    }
     let mut r = Reporting {
         sym: Symbolizer::new(),
         sys: crate::sysview::SysInfo::find(),
@@ -266,23 +281,15 @@ pub(crate) fn run(
                     }
                 }
             }
-            msg @ (Msg::StartLauncher | Msg::RestartLauncher) => {
-                // The first launcher is forked here too, not on the thread that started the
-                // watchdog (which would wait for it); the watchdog thread installs it.
-                let restart = matches!(msg, Msg::RestartLauncher);
+            Msg::RestartLauncher => {
                 if let Some(h) = &helper {
                     match crate::trigger::start_launcher(&h.spec) {
                         Ok(l) => {
-                            if restart {
-                                eprintln!("freezetrap: the capture launcher process had died: started a new one");
-                            }
+                            eprintln!("freezetrap: the capture launcher process had died: started a new one");
                             let _ = h.launchers.try_send(l);
                         }
-                        Err(e) if restart => eprintln!(
-                            "freezetrap: the capture launcher process had died and a new one cannot be started ({e}): retrying in a minute"
-                        ),
                         Err(e) => eprintln!(
-                            "freezetrap: the capture launcher process cannot be started ({e}): no captures until it can (retried every minute)"
+                            "freezetrap: the capture launcher process had died and a new one cannot be started ({e}): retrying in a minute"
                         ),
                     }
                 }
