@@ -79,10 +79,7 @@ fn armed_mode_with_bpftrace_captures_the_seconds_before_stall_begin() {
 }
 
 fn armed_capture(engine: &str) {
-    let mut bystander = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_armed_bystander", "--nocapture"])
-        .args(["--test-threads=1"])
-        .env("FREEZETRAP_TEST_ROLE", "armed-bystander")
+    let mut bystander = common::child("child_armed_bystander", "armed-bystander")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -93,10 +90,7 @@ fn armed_capture(engine: &str) {
         60,
         &mut bystander_seen,
     );
-    let mut target = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_armed_target", "--nocapture"])
-        .args(["--test-threads=1"])
-        .env("FREEZETRAP_TEST_ROLE", "armed-target")
+    let mut target = common::child("child_armed_target", "armed-target")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -292,10 +286,7 @@ fn an_armed_capture_concludes_on_the_stalled_thread() {
     {
         return;
     }
-    let mut target = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_armed_spinner", "--nocapture"])
-        .args(["--test-threads=1"])
-        .env("FREEZETRAP_TEST_ROLE", "armed-spinner")
+    let mut target = common::child("child_armed_spinner", "armed-spinner")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -48,9 +48,7 @@ fn a_fork_freeze_is_captured_by_bpftrace_too() {
 
 fn fork_freeze_capture(engine: &str) {
     use std::io::BufRead;
-    let mut target = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_forker", "--nocapture", "--test-threads=1"])
-        .env("FREEZETRAP_TEST_ROLE", "forker")
+    let mut target = common::child("child_forker", "forker")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -168,14 +166,7 @@ fn a_spinning_thread_is_concluded_on_cpu_in_its_function() {
     {
         return;
     }
-    let mut target = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_spinner",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("FREEZETRAP_TEST_ROLE", "spinner")
+    let mut target = common::child("child_spinner", "spinner")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

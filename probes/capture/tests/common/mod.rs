@@ -149,6 +149,16 @@ pub fn start_headline_decoys() {
 }
 
 /// Lines of `reader` on a channel, so a test can wait for one with a timeout.
+/// A command that re-runs this test binary, executing only the test `test` in role `role`
+/// (`FREEZETRAP_TEST_ROLE`).
+#[allow(dead_code)] // not every test binary spawns children
+pub fn child(test: &str, role: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("FREEZETRAP_TEST_ROLE", role);
+    c
+}
+
 pub fn lines_of(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel();
