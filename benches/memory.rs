@@ -4,8 +4,9 @@
 //! `init_from_env()`, 16 heartbeats, idle for two seconds), once with no variable and once with
 //! every variable set (threshold, watchdog, output directory, report, capture helper), and reads
 //! each one's `/proc/<pid>/smaps_rollup` while it idles: RSS and PSS (pages shared with another
-//! process counted by share, so the capture launcher — a forked copy of the service — is not
-//! counted twice). The capture launcher is a process of its own: its PSS is reported separately.
+//! process counted by share, so a capture launcher that is a forked copy of the service is not
+//! counted twice; the usual one, the executable exec'd, shares only file pages). The capture
+//! launcher is a process of its own: its PSS is reported separately.
 //!
 //! ```text
 //! cargo build --release -p freezetrap-capture   # the helper, so the launcher is started
@@ -31,7 +32,8 @@ fn service() {
     let beats: Vec<_> = (0..16)
         .map(|i| freezetrap::Heartbeat::new(&format!("hb-{i}")))
         .collect();
-    // The launcher is forked off this thread and installed at the watchdog's first tick.
+    // The launcher is started by the report thread once the watchdog thread has set up (~50 ms),
+    // and installed at its next tick.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while std::env::var_os("FREEZETRAP_CAPTURE").is_some()
         && ft

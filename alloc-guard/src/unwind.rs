@@ -127,16 +127,22 @@ pub fn frame_pointers_work_here() -> Option<bool> {
     }
     #[inline(never)]
     fn both(
-        dw: &mut [usize; MAX_FRAMES],
-        fp: &mut [usize; MAX_FRAMES],
+        dw: &mut [usize; CHECK_FRAMES],
+        fp: &mut [usize; CHECK_FRAMES],
         hi: usize,
     ) -> (usize, usize) {
         (dwarf(dw), fp_walk(fp, hi))
     }
-    let (mut dw, mut fp) = ([0usize; MAX_FRAMES], [0usize; MAX_FRAMES]);
+    let (mut dw, mut fp) = ([0usize; CHECK_FRAMES], [0usize; CHECK_FRAMES]);
     let (n, m) = both(&mut dw, &mut fp, facts.stack_hi);
     Some(agree(&dw[..n], &fp[..m]))
 }
+
+/// How many frames the start-up check unwinds: enough for `agree`'s four in common after the
+/// check's own frames, few enough that DWARF stays in the caller's code (the first unwind
+/// through a shared library's tables — libc's, at the bottom of every stack — cost ~50 µs of
+/// a ~90 µs check).
+const CHECK_FRAMES: usize = 10;
 
 /// True when the frame-pointer walk `fp` reproduces the DWARF unwind `dw` from the first common
 /// return address on, for at least 4 frames and every frame both have.

@@ -77,6 +77,8 @@ pub(crate) struct Detector {
     pub(crate) out: crate::running::ReportTx,
     /// New launchers from the report thread (after one died).
     pub(crate) launchers: Receiver<crate::launcher::Launcher>,
+    /// The report thread, when this thread starts it (at setup, see `Running::start`).
+    pub(crate) report: Option<crate::running::ReportStart>,
     pub(crate) next_id: u64,
 }
 
@@ -130,6 +132,11 @@ impl Detector {
         if self.shared.stop.load(Ordering::SeqCst) != 0 {
             return;
         }
+        if let Some(report) = self.report.take() {
+            if let Err(e) = report.spawn() {
+                eprintln!("freezetrap: cannot start the stall report thread ({e}): stalls will be detected, not reported");
+            }
+        }
         for _ in 0..POOL {
             if self.stopping() {
                 return;
@@ -156,7 +163,7 @@ impl Detector {
         }
         // The process-wide counters (opening them finds the cgroup: allocation, before the loop).
         let sys = SysView::open();
-        // The report thread is forking the first launcher as it starts: it counts as asked for.
+        // The report thread starts the first launcher as it starts: it counts as asked for.
         let launcher_asked_ns = if self.trigger.is_some() {
             monotonic_ns().max(1)
         } else {
@@ -516,7 +523,7 @@ impl Tick<'_> {
         }
     }
 
-    /// Installs a launcher the report thread sent (the first one, forked as it started, or a
+    /// Installs a launcher the report thread sent (the first one, started as it started, or a
     /// replacement), before stalls are processed: a stall found at the first tick has it. A
     /// lock-free receive and a move: nothing a frozen process could block.
     fn install_launcher(&mut self) {
@@ -534,7 +541,7 @@ impl Tick<'_> {
         }
     }
 
-    /// A dead launcher is replaced once no stall is open (the report thread forks the service
+    /// A dead launcher is replaced once no stall is open (the report thread starts a new one
     /// for it), asked at most once a minute.
     fn replace_dead_launcher(&mut self, now: u64) {
         let quiet = self.no_stall_open();

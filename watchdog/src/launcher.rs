@@ -1,4 +1,4 @@
-//! The launcher: a tiny process forked when the watchdog starts, which starts capture helpers on
+//! The launcher: a small process started with the watchdog, which starts capture helpers on
 //! request and looks after them.
 //!
 //! # Why a separate process
@@ -11,13 +11,25 @@
 //! own, so its spawn and the helper's exec do not touch the frozen one. The watchdog only writes
 //! a fixed-size request into a pipe (no allocation, no page fault, no lock).
 //!
+//! # How it starts
+//! The service's own executable, exec'd from a handle opened at start, with marker arguments a
+//! constructor recognises before `main` (see [`crate::launcher_exec`]): it shares no memory
+//! with the service and costs it no page-table copy, however large the service has grown.
+//! Where that is not possible (not glibc, freezetrap inside a shared library, an executable
+//! others could change), or the exec'd one does not come up, it is a fork of the service.
+//!
 //! # Lifecycle
-//! - It is forked when the watchdog starts, by the watchdog's report thread (never during a
-//!   freeze, and not on the thread that starts the watchdog, which would wait ~1 ms for it); the
-//!   watchdog thread installs it at its first tick. It is forked twice: the middle process exits at once, so
-//!   the launcher is nobody's thread-bound child. It has no parent-death signal, which Linux ties
-//!   to the *thread* that forked: a watchdog started from a short-lived thread would otherwise
-//!   lose its launcher with that thread.
+//! - It is started by the watchdog's report thread, never during a freeze and never on the
+//!   thread that starts the watchdog (which would wait ~1 ms for it). The report thread itself
+//!   starts when the watchdog thread sets up, 50 ms after start, so a short-lived program
+//!   starts neither — except when the launcher is a fork: it is then started at once, while
+//!   the service is still small (a fork copies the page tables under `mmap_lock`; forked 50 ms
+//!   in, after the demo had filled a 2 GiB cache, it froze the demo for 60-80 ms). The
+//!   watchdog thread installs it at its next tick.
+//! - The process started (the fork, or the exec'd program) forks once more and exits, so the
+//!   launcher is nobody's child. It has no parent-death signal, which Linux ties to the
+//!   *thread* that forked: a watchdog started from a short-lived thread would otherwise lose its
+//!   launcher with that thread.
 //! - It exits when the service's end of the request pipe closes (the service exited, was killed,
 //!   or dropped its watchdog) — but only after the capture in progress, if any, has finished or
 //!   reached its deadline: the capture of the freeze that got a service killed is the one that
@@ -102,6 +114,9 @@ pub(crate) struct LaunchSpec {
     pub is_script: bool,
     /// Its canonical path: the helper's `argv[0]`.
     pub argv0: CString,
+    /// The service's own executable, opened and checked: launchers are exec'd from it (`None`:
+    /// forked; see [`crate::launcher_exec`]).
+    pub image: Option<OwnedFd>,
     /// `FREEZETRAP_OUT`, opened and checked.
     pub out: OwnedFd,
     /// Its path, for the helper's `--out`.
@@ -147,7 +162,7 @@ pub(crate) struct SpawnSetup {
 }
 
 impl SpawnSetup {
-    fn new(is_script: bool) -> SpawnSetup {
+    pub(crate) fn new(is_script: bool) -> SpawnSetup {
         // SAFETY: init functions fill the zeroed structs; the calls only record what the spawned
         // child will do (dup the fixed descriptors onto 0, 1, 2; empty signal mask; every signal
         // back to its default, SIGPIPE included, which the launcher ignores).
@@ -188,62 +203,38 @@ impl Drop for SpawnSetup {
     }
 }
 
-impl Launcher {
-    /// Forks a launcher for `spec`. Call outside any freeze (it forks the service).
-    pub(crate) fn start(spec: &LaunchSpec) -> std::io::Result<Launcher> {
-        if spec.out_path.len() > MAX_OUT_PATH {
-            return Err(std::io::Error::other("FREEZETRAP_OUT's path is too long"));
-        }
-        let (req_r, req_w) = pipe_cloexec()?;
-        let (resp_r, resp_w) = pipe_cloexec()?;
-        let null = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")?;
-        let setup = SpawnSetup::new(spec.is_script);
-        let exec_path: &std::ffi::CStr = if spec.is_script {
-            c"/proc/self/fd/0"
-        } else {
-            c"/proc/self/fd/6"
-        };
-        let mut duration = [0u8; 24];
-        crate::launcher_process::put_digits(spec.duration_secs, &mut duration);
-        let plan = crate::launcher_process::Plan {
-            fds: [
-                req_r.as_raw_fd(),
-                resp_w.as_raw_fd(),
-                spec.out.as_raw_fd(),
-                spec.helper.as_raw_fd(),
-                null.as_raw_fd(),
-            ],
-            setup: &setup,
-            exec_path,
-            argv0: &spec.argv0,
-            out_path: &spec.out_path,
-            duration,
-            deadline_ns: spec.deadline_ns,
-        };
-        // SAFETY: fork at start-up, outside any freeze. The middle child only forks again and
-        // `_exit`s; the launcher runs `launcher_main`, which never returns (see its contract).
-        let middle = unsafe { libc::fork() };
-        if middle < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if middle == 0 {
-            // SAFETY: in the middle child: fork again and leave; nothing else runs here.
-            unsafe {
-                if libc::fork() == 0 {
-                    crate::launcher_process::launcher_main(&plan);
-                }
-                libc::_exit(0);
-            }
-        }
+/// The path the launcher execs the helper by: its descriptor ([`HELPER`]), or for a `#!`
+/// script, the descriptor it becomes in the helper (stdin), which its interpreter reads.
+pub(crate) fn helper_exec_path(is_script: bool) -> &'static std::ffi::CStr {
+    if is_script {
+        c"/proc/self/fd/0"
+    } else {
+        c"/proc/self/fd/6"
+    }
+}
+
+/// A launcher started by [`Launcher::begin`], not yet known to be up.
+struct Begun {
+    /// The process that starts the launcher and exits at once (so that the launcher is nobody's
+    /// child): a fork of the service, or the exec'd program.
+    middle: libc::pid_t,
+    req_w: OwnedFd,
+    resp_r: OwnedFd,
+}
+
+impl Begun {
+    /// Reaps the middle process and waits (at most 5 s) for the launcher's first answer.
+    fn finish(self) -> std::io::Result<Launcher> {
+        let Begun {
+            middle,
+            req_w,
+            resp_r,
+        } = self;
         let mut status = 0;
         // SAFETY: reaping our own child, which exits at once.
         while unsafe { libc::waitpid(middle, &mut status, 0) } < 0
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
         {}
-        drop((req_r, resp_w, null));
         // SAFETY: making our own read end non-blocking.
         unsafe {
             let fl = libc::fcntl(resp_r.as_raw_fd(), libc::F_GETFL);
@@ -280,6 +271,84 @@ impl Launcher {
                 }
             }
         }
+    }
+}
+
+impl Launcher {
+    /// Starts a launcher for `spec` and waits until it is up: exec'd from the service's own
+    /// executable when it can be (see [`crate::launcher_exec`]), forked otherwise. Call outside
+    /// any freeze (the fork copies the service's page tables).
+    pub(crate) fn start(spec: &LaunchSpec) -> std::io::Result<Launcher> {
+        if let Some(image) = &spec.image {
+            // An exec'd launcher that fails (its program cannot be loaded, say) costs only
+            // this attempt: the forked one works wherever the watchdog does.
+            if let Ok(l) = Launcher::begin(spec, Some(image)).and_then(Begun::finish) {
+                return Ok(l);
+            }
+        }
+        Launcher::begin(spec, None)?.finish()
+    }
+
+    /// Starts a launcher for `spec` from `image` (exec'd) or by a fork, without waiting for
+    /// it: [`Begun::finish`] does.
+    fn begin(spec: &LaunchSpec, image: Option<&OwnedFd>) -> std::io::Result<Begun> {
+        if spec.out_path.len() > MAX_OUT_PATH {
+            return Err(std::io::Error::other("FREEZETRAP_OUT's path is too long"));
+        }
+        let (req_r, req_w) = pipe_cloexec()?;
+        let (resp_r, resp_w) = pipe_cloexec()?;
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        let fds = [
+            req_r.as_raw_fd(),
+            resp_w.as_raw_fd(),
+            spec.out.as_raw_fd(),
+            spec.helper.as_raw_fd(),
+            null.as_raw_fd(),
+        ];
+        if let Some(image) = image {
+            let middle = crate::launcher_exec::spawn(image, fds, spec)?;
+            return Ok(Begun {
+                middle,
+                req_w,
+                resp_r,
+            });
+        }
+        let setup = SpawnSetup::new(spec.is_script);
+        let mut duration = [0u8; 24];
+        crate::launcher_process::put_digits(spec.duration_secs, &mut duration);
+        let plan = crate::launcher_process::Plan {
+            fds,
+            setup: &setup,
+            exec_path: helper_exec_path(spec.is_script),
+            argv0: &spec.argv0,
+            out_path: &spec.out_path,
+            duration,
+            deadline_ns: spec.deadline_ns,
+        };
+        // SAFETY: fork at start-up, outside any freeze. The middle child only forks again and
+        // `_exit`s; the launcher runs `launcher_main`, which never returns (see its contract).
+        let middle = unsafe { libc::fork() };
+        if middle < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if middle == 0 {
+            // SAFETY: in the middle child: fork again and leave; nothing else runs here.
+            unsafe {
+                if libc::fork() == 0 {
+                    crate::launcher_process::launcher_main(&plan);
+                }
+                libc::_exit(0);
+            }
+        }
+        drop((req_r, resp_w, null, setup));
+        Ok(Begun {
+            middle,
+            req_w,
+            resp_r,
+        })
     }
 
     /// The launcher process's pid (for monitoring, and for tests that kill it).
@@ -341,5 +410,102 @@ impl Launcher {
         } else {
             Polled::Nothing
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// `argv[0]` of process `pid`.
+    fn argv0(pid: u32) -> String {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let first = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        String::from_utf8_lossy(first).into_owned()
+    }
+
+    /// Asks `l` to run the helper for stall 7 in `<out>/<name>` and waits for its end.
+    fn capture(l: &Launcher, name: &str) -> Response {
+        let mut req = Request {
+            stall_id: 7,
+            tid: 11,
+            pid: std::process::id() as u64,
+            name_len: name.len() as u64,
+            name: [0; MAX_NAME],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        l.request(&req).unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            match l.poll() {
+                Polled::Answer(r) if r.kind != SPAWNED => return r,
+                Polled::Died => panic!("the launcher died"),
+                _ => assert!(Instant::now() < until, "no answer within 10 s"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn exec_d_and_forked_launchers_run_the_helper_alike() {
+        let dir = std::env::temp_dir().join(format!("freezetrap-launcher-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("out")).unwrap();
+        let helper = dir.join("helper.sh");
+        // Its arguments, one per line, into the capture directory (`--out`, the 8th).
+        std::fs::write(&helper, "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$8/args\"\n").unwrap();
+        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let mut cfg = crate::WatchdogConfig::new(Duration::from_millis(200))
+            .with_capture(helper, dir.join("out"))
+            .capture
+            .unwrap();
+        cfg.duration = Duration::from_secs(3);
+        let trigger = crate::trigger::Trigger::new(cfg).unwrap();
+        let spec = trigger.spec();
+        assert!(
+            spec.image.is_some(),
+            "this test binary can be exec'd as a launcher"
+        );
+        for exec in [true, false] {
+            let image = if exec { spec.image.as_ref() } else { None };
+            let l = Launcher::begin(&spec, image)
+                .and_then(Begun::finish)
+                .unwrap();
+            assert_eq!(
+                argv0(l.pid()) == "freezetrap-launcher",
+                exec,
+                "exec'd: {exec}, argv[0] {}",
+                argv0(l.pid())
+            );
+            let name = format!("stall-7-{exec}");
+            let r = capture(&l, &name);
+            assert_eq!((r.kind, r.value), (EXITED, 0), "{r:?}");
+            let args = std::fs::read_to_string(dir.join("out").join(&name).join("args")).unwrap();
+            let out = dir.join("out").join(&name);
+            assert_eq!(
+                args,
+                format!(
+                    "--pid\n{}\n--tid\n11\n--stall-id\n7\n--out\n{}\n--duration\n3\n",
+                    std::process::id(),
+                    out.display()
+                )
+            );
+            // Closing its request pipe ends it (an orphan: gone, or a zombie until init reaps it).
+            let pid = l.pid();
+            drop(l);
+            let until = Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").starts_with(" Z"))
+            {
+                assert!(
+                    Instant::now() < until,
+                    "launcher {pid} outlived its service's end"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

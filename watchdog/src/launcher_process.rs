@@ -2,8 +2,9 @@
 //! in its own address space and looks after them.
 //!
 //! # What this code may do
-//! It runs in a process forked from a multi-threaded one: locks other threads held at the fork
-//! stay locked here forever. So it makes only system calls through their libc wrappers, plus
+//! It runs in a process forked from a multi-threaded one (the service, or for an exec'd
+//! launcher a fresh single-threaded one): locks other threads held at the fork stay locked
+//! here forever. So it makes only system calls through their libc wrappers, plus
 //! `posix_spawn` with attributes and file actions prepared in the parent; glibc's `posix_spawn`
 //! (2.36, `spawni.c`) maps a stack for its `clone(CLONE_VM | CLONE_VFORK)` child, applies the
 //! prepared actions with system calls and execs: it takes no lock and does not allocate. No Rust
@@ -14,7 +15,7 @@ use crate::launcher::{
     MAX_NAME, MAX_OUT_PATH, NULL, OUT, READY, REQ, RESP, SPAWNED,
 };
 use core::mem::size_of;
-use std::ffi::CString;
+use std::ffi::CStr;
 use std::os::fd::RawFd;
 
 /// What the launcher process needs, prepared in the parent before the fork.
@@ -24,7 +25,7 @@ pub(crate) struct Plan<'a> {
     pub(crate) fds: [RawFd; 5],
     pub(crate) setup: &'a SpawnSetup,
     pub(crate) exec_path: &'a std::ffi::CStr,
-    pub(crate) argv0: &'a CString,
+    pub(crate) argv0: &'a CStr,
     pub(crate) out_path: &'a [u8],
     pub(crate) duration: [u8; 24],
     pub(crate) deadline_ns: u64,
@@ -79,8 +80,8 @@ unsafe fn close_from(from: RawFd) {
 /// The launcher process's whole life. Never returns.
 ///
 /// # Safety
-/// Call only in the grandchild forked by [`Launcher::start`], with a `plan` in (our copy of) the
-/// parent's memory. That process was forked from a multi-threaded one: locks other threads held
+/// Call only in the grandchild forked by [`Launcher::start`] (or by the exec'd launcher's
+/// constructor, `crate::launcher_exec`), with a `plan` in (our copy of) the parent's memory. That process was forked from a multi-threaded one: locks other threads held
 /// at the fork stay locked here forever. So it makes only system calls through their libc
 /// wrappers, plus `posix_spawn` with attributes and file actions prepared in the parent; glibc's
 /// `posix_spawn` (2.36, `spawni.c`) maps a stack for its `clone(CLONE_VM | CLONE_VFORK)` child,

@@ -46,6 +46,8 @@ mod jemalloc_stats;
 #[cfg(ft_linux)]
 mod launcher;
 #[cfg(ft_linux)]
+mod launcher_exec;
+#[cfg(ft_linux)]
 mod launcher_process;
 #[cfg(ft_linux)]
 #[doc(hidden)]
@@ -118,11 +120,13 @@ impl Watchdog {
     /// (said on stderr by [`Watchdog::start_logged`]). Elsewhere than Linux it returns an
     /// `Unsupported` error ([`UNSUPPORTED`]).
     ///
-    /// Nothing here waits: the capture launcher is forked at once by the report thread (while
-    /// the process is still small), and the watchdog thread sets itself up (its stall records,
-    /// pre-faulting) 50 ms later (at most one tick), so a program that exits sooner pays for
-    /// none of that; detection starts a tick after it. Dropping the handle
-    /// returns at once when nothing is left to report (see the README's performance section).
+    /// Nothing here waits: the watchdog thread sets itself up (its stall records,
+    /// pre-faulting, the report thread, which starts the capture launcher) 50 ms later (at most
+    /// one tick), so a program that exits sooner pays for none of that; detection starts a
+    /// tick after it. Only a launcher that has to be a fork of the service (see
+    /// [`Watchdog::capture_launcher_pid`]) is started at once, by the report thread, while the
+    /// process is still small. Dropping the handle returns at once when nothing is left to
+    /// report (see the README's performance section).
     pub fn start(
         cfg: WatchdogConfig,
         writer: Arc<alloc_guard::ReportWriter>,
@@ -204,8 +208,12 @@ impl Watchdog {
     }
 
     /// The pid of the process that starts capture helpers (see the README's "How the capture is
-    /// started during a freeze"), while there is one. `None` until the watchdog's first tick:
-    /// the launcher is forked off the caller's thread, and installed then.
+    /// started during a freeze"), while there is one. It is the service's own executable,
+    /// exec'd (`argv[0]` `freezetrap-launcher`), or where that cannot be used (not glibc,
+    /// freezetrap linked into a shared library, an executable writable by group or others) a
+    /// fork of the service. `None` until the watchdog thread has set up (50 ms after start, at
+    /// most a tick) and installed the launcher the report thread started, a few milliseconds
+    /// later.
     pub fn capture_launcher_pid(&self) -> Option<u32> {
         #[cfg(ft_linux)]
         {

@@ -106,7 +106,27 @@ impl Shared {
 pub(crate) struct Running {
     shared: Arc<Shared>,
     detector: Option<JoinHandle<()>>,
-    reporter: Option<JoinHandle<()>>,
+}
+
+/// What the report thread is started with (by `Running::start` or by the watchdog thread).
+pub(crate) struct ReportStart {
+    rx: crossbeam_channel::Receiver<detector::Msg>,
+    pool: crossbeam_channel::Sender<forksafe::ForkSafeBox<crate::stall::StallRecord>>,
+    writer: Arc<alloc_guard::ReportWriter>,
+    helper: Option<report::HelperInfo>,
+    reported: SaysReported,
+}
+
+impl ReportStart {
+    /// Starts the report thread (detached: it ends when the watchdog thread's sender is
+    /// dropped). If it cannot start, `reported` is dropped with the rest: the owner's drop
+    /// does not wait for it.
+    pub(crate) fn spawn(self) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("freezetrap-stallrep".into())
+            .spawn(move || report::run(self.rx, self.pool, self.writer, self.helper, self.reported))
+            .map(drop)
+    }
 }
 
 impl Running {
@@ -137,10 +157,28 @@ impl Running {
             spec: t.spec(),
             launchers: launcher_tx,
         });
-        let says_reported = SaysReported(shared.clone());
-        let reporter = std::thread::Builder::new()
-            .name("freezetrap-stallrep".into())
-            .spawn(move || report::run(out_rx, pool_tx, writer, helper, says_reported))?;
+        let report = ReportStart {
+            rx: out_rx,
+            pool: pool_tx,
+            writer,
+            helper,
+            reported: SaysReported(shared.clone()),
+        };
+        // The report thread is needed once stalls can be found, after the watchdog thread's
+        // settling, which then starts it: a short-lived program never pays for it. Except when
+        // the launcher has to be forked (no exec'd launcher, see `launcher_exec`): a fork must
+        // happen now, while the service is small (forked 50 ms in, after the demo had filled
+        // its 2 GiB cache, it froze the demo for 60-80 ms).
+        let fork_now = report
+            .helper
+            .as_ref()
+            .is_some_and(|h| h.spec.image.is_none());
+        let report = if fork_now {
+            report.spawn()?;
+            None
+        } else {
+            Some(report)
+        };
         // Busy until the watchdog thread first goes to sleep: a drop during its setup waits.
         shared.progress.busy.store(1, Ordering::SeqCst);
         let det = detector::Detector {
@@ -154,6 +192,7 @@ impl Running {
                 shared: shared.clone(),
             },
             launchers: launcher_rx,
+            report,
             next_id: 1,
         };
         let detector = std::thread::Builder::new()
@@ -162,7 +201,6 @@ impl Running {
         Ok(Running {
             shared,
             detector: Some(detector),
-            reporter: Some(reporter),
         })
     }
 
@@ -253,6 +291,5 @@ impl Drop for Running {
         }
         // Detached: they exit on their own.
         drop(self.detector.take());
-        drop(self.reporter.take());
     }
 }

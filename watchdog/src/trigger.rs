@@ -84,6 +84,8 @@ pub enum CaptureStatus {
     SpawnFailed(i32),
     /// The launcher process had died (a new one is started after the stall).
     LauncherDied,
+    /// The first launcher process was not up yet (it is started with the watchdog).
+    LauncherNotUp,
 }
 
 impl CaptureStatus {
@@ -111,6 +113,9 @@ impl CaptureStatus {
             ),
             CaptureStatus::LauncherDied => {
                 "failed: the capture launcher process had died; a new one is started after this stall".into()
+            }
+            CaptureStatus::LauncherNotUp => {
+                "failed: the capture launcher process was not up yet".into()
             }
         }
     }
@@ -146,6 +151,8 @@ pub struct Running {
 pub struct Trigger {
     cfg: CaptureConfig,
     launcher: Option<Launcher>,
+    /// A launcher was installed once (none now: it died, rather than is still starting).
+    had_launcher: bool,
     spec: Arc<LaunchSpec>,
     out: Arc<Dir>,
     /// Random at start: capture directory names never repeat across restarts, even when the
@@ -242,6 +249,7 @@ impl Trigger {
             helper: helper.fd,
             is_script: helper.is_script,
             argv0,
+            image: crate::launcher_exec::open_image(),
             out: out_fd,
             out_path,
             duration_secs,
@@ -253,6 +261,7 @@ impl Trigger {
         });
         Ok(Trigger {
             launcher: None,
+            had_launcher: false,
             spec,
             out: Arc::new(out),
             nonce: random_u64(),
@@ -294,12 +303,17 @@ impl Trigger {
     /// one died).
     pub(crate) fn install_launcher(&mut self, l: Launcher) {
         self.launcher = Some(l);
+        self.had_launcher = true;
     }
 
     /// Starts the helper for a stall (watchdog thread, during the stall: no allocation).
     pub fn fire(&mut self, stall_id: u64, tid: u64, now_ns: u64) -> CaptureStatus {
         let Some(launcher) = self.launcher.as_ref() else {
-            return CaptureStatus::LauncherDied;
+            return if self.had_launcher {
+                CaptureStatus::LauncherDied
+            } else {
+                CaptureStatus::LauncherNotUp
+            };
         };
         if self.running.is_some() {
             return CaptureStatus::SkippedBusy;
