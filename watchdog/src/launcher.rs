@@ -464,11 +464,12 @@ mod tests {
         cfg.duration = Duration::from_secs(3);
         let trigger = crate::trigger::Trigger::new(cfg).unwrap();
         let spec = trigger.spec();
-        assert!(
-            spec.image.is_some(),
-            "this test binary can be exec'd as a launcher"
-        );
+        assert_eq!(spec.image.is_some(), crate::launcher_exec::trusted_image());
         for exec in [true, false] {
+            if exec && spec.image.is_none() {
+                eprintln!("this test binary is writable by group or others: only the forked launcher is tested");
+                continue;
+            }
             let image = if exec { spec.image.as_ref() } else { None };
             let l = Launcher::begin(&spec, image)
                 .and_then(Begun::finish)
