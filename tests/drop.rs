@@ -44,6 +44,14 @@ fn child_service() {
         "threads-exit" => {
             std::thread::sleep(Duration::from_millis(300)); // set up, asleep between ticks
             assert!(!freezetrap_threads().is_empty(), "freezetrap's threads run");
+            for e in std::fs::read_dir("/proc/self/task").unwrap() {
+                let path = e.unwrap().path();
+                let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                let tid: libc::pid_t = path.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                // SAFETY: querying a thread's scheduling policy.
+                let policy = unsafe { libc::sched_getscheduler(tid) };
+                println!("POLICY {} {policy}", comm.trim());
+            }
             drop(ft);
             let until = Instant::now() + Duration::from_secs(5);
             loop {
@@ -120,4 +128,16 @@ fn the_threads_exit_on_their_own_after_the_drop() {
     let dir = common::TempDir::new("drop-threads");
     let (_, stdout) = run("threads-exit", &dir);
     assert!(stdout.contains("GONE"), "{stdout}");
+    // The reporting threads never preempt the service (`base::thread::make_batch`); the
+    // watchdog thread, whose wake-ups measure lateness, is an ordinary thread while it runs.
+    for (thread, policy) in [
+        ("freezetrap-repo", libc::SCHED_BATCH),
+        ("freezetrap-stal", libc::SCHED_BATCH),
+        ("freezetrap-watc", libc::SCHED_OTHER),
+    ] {
+        assert!(
+            stdout.contains(&format!("POLICY {thread} {policy}\n")),
+            "{thread} should have policy {policy}:\n{stdout}"
+        );
+    }
 }

@@ -245,6 +245,11 @@ impl Drop for SaysFinished {
 fn run(cfg: ReporterConfig, sh: Arc<Shared>) {
     let finished = SaysFinished(sh.clone());
     crate::record::mark_current_thread_internal();
+    // Reporting can wait for a free CPU or the next tick: never preempt the service (see
+    // `make_batch`).
+    base::thread::make_batch(None);
+    // Here rather than in `init_from_env` (see `setup::say_problems_once`).
+    crate::setup::say_frame_pointer_problem_once();
     let mut sym = Symbolizer::new();
     let mut growth = crate::growth::GrowthTracker::new();
     let mut cursor = Cursor::new(&RING, true);

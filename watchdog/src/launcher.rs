@@ -465,6 +465,8 @@ mod tests {
         let trigger = crate::trigger::Trigger::new(cfg).unwrap();
         let spec = trigger.spec();
         assert_eq!(spec.image.is_some(), crate::launcher_exec::trusted_image());
+        // Started, as in a service, from a batch thread (the report thread is one).
+        assert!(base::thread::make_batch(None));
         for exec in [true, false] {
             if exec && spec.image.is_none() {
                 eprintln!("this test binary is writable by group or others: only the forked launcher is tested");
@@ -479,6 +481,13 @@ mod tests {
                 exec,
                 "exec'd: {exec}, argv[0] {}",
                 argv0(l.pid())
+            );
+            // SAFETY: querying another process's policy.
+            let policy = unsafe { libc::sched_getscheduler(l.pid() as libc::pid_t) };
+            assert_eq!(
+                policy,
+                libc::SCHED_OTHER,
+                "the launcher kept the batch policy"
             );
             let name = format!("stall-7-{exec}");
             let r = capture(&l, &name);

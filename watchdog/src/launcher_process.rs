@@ -103,6 +103,12 @@ pub(crate) unsafe fn launcher_main(plan: &Plan<'_>) -> ! {
             }
         }
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        // The report thread that started us is a batch thread (it never preempts the
+        // service); the launcher, which starts helpers during a freeze, and they, are not.
+        if libc::sched_getscheduler(0) == libc::SCHED_BATCH {
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+        }
         let mut empty: libc::sigset_t = core::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, core::ptr::null_mut());

@@ -215,6 +215,9 @@ pub(crate) fn run(
     reported: crate::running::SaysReported,
 ) {
     alloc_guard::internal::mark_current_thread_internal();
+    // Reports can wait for a free CPU or the next tick: never preempt the service (see
+    // `base::thread::make_batch`). The launcher it starts is an ordinary process.
+    base::thread::make_batch(None);
     // The first launcher, forked here as soon as the watchdog starts: not on the thread that
     // started it (which would wait ~1 ms for two forks and the launcher's answer), and not
     // later, when the service may have grown (a fork copies its page tables under mmap_lock:
