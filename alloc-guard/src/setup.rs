@@ -34,7 +34,7 @@ pub fn no_frame_pointers_line() -> String {
 /// the setup. Called by `init_from_env`.
 ///
 /// With a threshold set, the frame-pointer check is left to the reporter thread, which makes it
-/// as it starts ([`say_frame_pointer_problem_once`]): its first DWARF unwind (~70 µs here, most
+/// as it starts (`say_frame_pointer_problem_once`): its first DWARF unwind (~70 µs here, most
 /// of it faulting in unwind tables) would otherwise be paid by the caller's start. A stack
 /// through freezetrap's own code tells as well as any: it is built with the service's flags.
 pub fn say_problems_once() {
