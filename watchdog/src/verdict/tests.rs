@@ -344,6 +344,35 @@ fn a_writer_that_mostly_waited_while_its_cgroup_reclaimed_is_reclaim_but_a_sleep
     e.process.psi_memory_us = Some(45_000);
     assert_eq!(decide(&e).cause, Cause::Unknown);
 
+    // Recorded too: the same writer on CPU half the window, nearly all of it in the kernel
+    // (reclaiming for its own writes), PSI memory at a fifth of the window.
+    let mut busy = thread(10, "writer", 'R', "", &[]);
+    busy.delta = Some(Counters {
+        cpu_ns: 150 * MS,
+        stime_ns: 145 * MS,
+        ..Counters::default()
+    });
+    let mut e = stall(busy, vec![]);
+    e.process.psi_memory_us = Some(60_000);
+    let v = decide(&e);
+    assert_eq!(
+        (v.cause, v.confidence),
+        (Cause::Reclaim, Confidence::Low),
+        "{}",
+        v.text
+    );
+
+    // On CPU in the kernel the whole window under the same pressure: a large system call.
+    let mut syscall = thread(11, "writer", 'R', "", &[]);
+    syscall.delta = Some(Counters {
+        cpu_ns: 290 * MS,
+        stime_ns: 280 * MS,
+        ..Counters::default()
+    });
+    let mut e = stall(syscall, vec![]);
+    e.process.psi_memory_us = Some(60_000);
+    assert_eq!(decide(&e).cause, Cause::OnCpu);
+
     // Under an eighth of the window: not enough to name memory.
     let mut quiet = thread(9, "writer", 'R', "", &[]);
     quiet.delta = Some(Counters {
