@@ -10,11 +10,10 @@ pub const FRAME_POINTER_CONFIG: &str = r#"[build] rustflags = ["-C", "force-fram
 /// Whether any `FREEZETRAP_*` setting is present (test-harness variables aside): only then is
 /// anything said.
 fn configured() -> bool {
-    std::env::vars_os().any(|(k, _)| {
-        let k = k.to_string_lossy();
-        k.starts_with("FREEZETRAP_")
-            && !k.starts_with("FREEZETRAP_TEST_")
-            && k != "FREEZETRAP_REQUIRE_EBPF"
+    base::env::any_name(|k| {
+        k.starts_with(b"FREEZETRAP_")
+            && !k.starts_with(b"FREEZETRAP_TEST_")
+            && k != b"FREEZETRAP_REQUIRE_EBPF"
     })
 }
 
