@@ -218,11 +218,10 @@ pub(crate) fn run(
     // Reports can wait for a free CPU or the next tick: never preempt the service (see
     // `base::thread::make_batch`). The launcher it starts is an ordinary process.
     base::thread::make_batch(None);
-    // The first launcher, forked here as soon as the watchdog starts: not on the thread that
-    // started it (which would wait ~1 ms for two forks and the launcher's answer), and not
-    // later, when the service may have grown (a fork copies its page tables under mmap_lock:
-    // deferred by 50 ms, it froze the demo, which fills a 2 GiB cache at start, for 60-80 ms).
-    // The watchdog thread installs it at its first tick.
+    // The first launcher, started here as this thread starts: not on the thread that started
+    // the watchdog (which would wait for it and its first answer). This thread starts at the
+    // watchdog thread's setup, 50 ms in, or at once when the launcher has to be a fork (see
+    // `Running::start`). The watchdog thread installs it at its next tick.
     if let Some(h) = &helper {
         match crate::trigger::start_launcher(&h.spec) {
             Ok(l) => {

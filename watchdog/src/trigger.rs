@@ -211,9 +211,9 @@ fn mix(mut z: u64) -> u64 {
 impl Trigger {
     /// Opens and checks the helper and the output directory. Errors are one-line reasons.
     ///
-    /// The launcher is not forked here, on the caller's thread (a short-lived program would wait
-    /// for two forks and the launcher's first answer, ~1 ms): the watchdog's report thread forks
-    /// it as it starts, and the watchdog thread installs it (see `crate::running`).
+    /// The launcher is not started here, on the caller's thread (a short-lived program would
+    /// wait for it and its first answer): the watchdog's report thread starts it as it starts,
+    /// and the watchdog thread installs it (see `crate::running`).
     pub fn new(cfg: CaptureConfig) -> Result<Trigger, String> {
         let helper = validate_helper(&cfg.helper)?;
         let out = Dir::open_private(&cfg.out_dir).map_err(|why| {
