@@ -45,7 +45,8 @@ const ARGC: usize = 7;
 static CONSTRUCTOR_RAN: AtomicBool = AtomicBool::new(false);
 
 /// The constructor. Its priority (101, the first one not reserved for the C runtime) runs it
-/// before the program's other constructors, which an exec'd launcher should not run.
+/// after the shared libraries' constructors and std's (99, which keeps `argv`), and before the
+/// program's own, which an exec'd launcher should not run.
 #[cfg(target_env = "gnu")]
 #[used]
 #[link_section = ".init_array.00101"]
@@ -73,8 +74,8 @@ extern "C" fn enter_if_launcher(
         return;
     }
     // From here on this process is a launcher or nothing: it never falls through to `main`.
-    // SAFETY: a fresh, single-threaded process (nothing but the C runtime has run), which owns
-    // descriptors 3 to 7 (the service put them there).
+    // SAFETY: a fresh, single-threaded process (only the C runtime and constructors of
+    // higher priority have run), which owns descriptors 3 to 7 (the service put them there).
     unsafe {
         let mut st: libc::stat = core::mem::zeroed();
         let (Some(duration), Some(deadline_ns)) = (digits(arg(3)), number(arg(4))) else {
