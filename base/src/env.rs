@@ -175,6 +175,6 @@ mod any_name_tests {
     fn names_are_matched_without_their_values() {
         assert!(super::any_name(|k| k == b"PATH"), "PATH is set in tests");
         assert!(!super::any_name(|k| k.contains(&b'=')));
-        assert!(!super::any_name(|k| k == b"FREEZETRAP_SURELY_NOT_SET_42"));
+        assert!(!super::any_name(|k| k == b"FT_ENV_TEST_SURELY_NOT_SET_42"));
     }
 }

@@ -162,20 +162,27 @@ pub(crate) struct SpawnSetup {
 }
 
 impl SpawnSetup {
+    /// The helper's: the fixed descriptors onto 0, 1 and 2.
     pub(crate) fn new(is_script: bool) -> SpawnSetup {
+        SpawnSetup::with_dups(&[
+            (if is_script { HELPER } else { NULL }, 0),
+            (LOG, 1),
+            (LOG, 2),
+        ])
+    }
+
+    /// Each `(from, to)` duplicated onto `to` in the child, which starts with an empty signal
+    /// mask and every signal back to its default (SIGPIPE included, which the launcher
+    /// ignores).
+    pub(crate) fn with_dups(dups: &[(RawFd, RawFd)]) -> SpawnSetup {
         // SAFETY: init functions fill the zeroed structs; the calls only record what the spawned
-        // child will do (dup the fixed descriptors onto 0, 1, 2; empty signal mask; every signal
-        // back to its default, SIGPIPE included, which the launcher ignores).
+        // child will do.
         unsafe {
             let mut actions: libc::posix_spawn_file_actions_t = core::mem::zeroed();
             libc::posix_spawn_file_actions_init(&mut actions);
-            libc::posix_spawn_file_actions_adddup2(
-                &mut actions,
-                if is_script { HELPER } else { NULL },
-                0,
-            );
-            libc::posix_spawn_file_actions_adddup2(&mut actions, LOG, 1);
-            libc::posix_spawn_file_actions_adddup2(&mut actions, LOG, 2);
+            for &(from, to) in dups {
+                libc::posix_spawn_file_actions_adddup2(&mut actions, from, to);
+            }
             let mut attr: libc::posix_spawnattr_t = core::mem::zeroed();
             libc::posix_spawnattr_init(&mut attr);
             let mut empty: libc::sigset_t = core::mem::zeroed();
@@ -195,7 +202,7 @@ impl SpawnSetup {
 
 impl Drop for SpawnSetup {
     fn drop(&mut self) {
-        // SAFETY: both were initialised in `new` and are destroyed once (in the parent).
+        // SAFETY: both were initialised in `with_dups` and are destroyed once (by their owner).
         unsafe {
             libc::posix_spawn_file_actions_destroy(&mut self.actions);
             libc::posix_spawnattr_destroy(&mut self.attr);

@@ -217,43 +217,27 @@ pub(crate) fn spawn(
     ];
     // Nothing of the service's environment: the launcher needs none.
     let envp: [*const libc::c_char; 1] = [core::ptr::null()];
-    // SAFETY: the file actions and attributes are initialised before use and destroyed once;
-    // every pointer passed to posix_spawn is alive for the call (argv's strings are locals or
-    // `spec`'s).
-    unsafe {
-        let mut actions: libc::posix_spawn_file_actions_t = core::mem::zeroed();
-        libc::posix_spawn_file_actions_init(&mut actions);
-        for (i, m) in moved.iter().enumerate() {
-            libc::posix_spawn_file_actions_adddup2(&mut actions, m.as_raw_fd(), REQ + i as RawFd);
-        }
-        let mut attr: libc::posix_spawnattr_t = core::mem::zeroed();
-        libc::posix_spawnattr_init(&mut attr);
-        let mut empty: libc::sigset_t = core::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::posix_spawnattr_setsigmask(&mut attr, &empty);
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::posix_spawnattr_setsigdefault(&mut attr, &all);
-        libc::posix_spawnattr_setflags(
-            &mut attr,
-            (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as _,
-        );
-        let mut pid: libc::pid_t = 0;
-        let rc = libc::posix_spawn(
+    let dups: Vec<(RawFd, RawFd)> = (moved.iter().zip(REQ..))
+        .map(|(m, to)| (m.as_raw_fd(), to))
+        .collect();
+    let setup = SpawnSetup::with_dups(&dups);
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: `setup` is initialised (and destroyed by its drop); every pointer passed is alive
+    // for the call (argv's strings are locals or `spec`'s).
+    let rc = unsafe {
+        libc::posix_spawn(
             &mut pid,
             path.as_ptr(),
-            &actions,
-            &attr,
+            &setup.actions,
+            &setup.attr,
             argv.as_ptr().cast(),
             envp.as_ptr().cast(),
-        );
-        libc::posix_spawn_file_actions_destroy(&mut actions);
-        libc::posix_spawnattr_destroy(&mut attr);
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(pid)
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
     }
+    Ok(pid)
 }
 
 /// Whether this test binary meets [`open_image`]'s rule (a build with umask 002 makes it
